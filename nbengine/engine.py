@@ -1,0 +1,225 @@
+"""Engine: the thread-safe public API (SGLang's offline Engine, usable from any thread or loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+import weakref
+from typing import Any, AsyncIterator, Iterator
+
+from .config import EngineConfig
+from .engine_thread import EngineThread
+from .errors import EngineDeadError
+from .loader.resolve import resolve_model_path
+from .requests import Limits, RequestSpec, build_requests
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger("nbengine")
+
+_POLL = 0.25  # seconds between liveness checks while waiting for outputs
+
+
+class Engine:
+    """An LLM engine running in a background thread.
+
+    ``Engine()`` loads the embedded default model (SmolLM2-135M-Instruct); ``model_path`` may be
+    an HF folder, a ``.gguf`` file or a hub id. Engine arguments follow SGLang's ServerArgs.
+    """
+
+    def __init__(self, model_path: str | None = None, **engine_args: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model_path, engine_args)
+        _configure_logging(self.config.log_level)
+        t0 = time.perf_counter()
+        self.model_dir = resolve_model_path(model_path)
+        self.tokenizer = None if self.config.skip_tokenizer_init else Tokenizer(
+            self.config.tokenizer_path or self.model_dir)
+        self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
+        info = self._thread.call(self._thread.core.info)
+        self._limits = Limits(
+            vocab_size=self._thread.core.runner.model_config.vocab_size,
+            context_length=info["context_length"],
+            kv_capacity=info["max_total_num_tokens"],
+            allow_auto_truncate=self.config.allow_auto_truncate,
+            skip_tokenizer_init=self.config.skip_tokenizer_init,
+            enable_return_hidden_states=self.config.enable_return_hidden_states,
+        )
+        self._finalizer = weakref.finalize(self, self._thread.stop)
+        logger.info("engine ready in %.2fs: %s", time.perf_counter() - t0, self.model_dir)
+
+    # ------------------------------------------------------------- generate
+    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None, image_data: Any = None,
+                 return_logprob: bool | list[bool] = False, logprob_start_len: int | list[int] | None = None,
+                 top_logprobs_num: int | list[int] | None = None, return_hidden_states: bool | list[bool] = False,
+                 stream: bool = False, rid: str | list[str] | None = None
+                 ) -> dict | list[dict] | Iterator[dict]:
+        """Generate synchronously. Safe from any thread, including one running an event loop."""
+        specs, single = self._build(prompt, sampling_params, input_ids, image_data, return_logprob,
+                                    logprob_start_len, top_logprobs_num, return_hidden_states, rid)
+        if stream:
+            return self._sync_stream(specs)
+        q: queue.Queue = queue.Queue()
+        rids = self._submit(specs, stream=False, emit=lambda i: lambda out: q.put((i, out)))
+        results: list[dict | None] = [None] * len(specs)
+        try:
+            for _ in range(len(specs)):
+                i, out = self._get_sync(q)
+                results[i] = out
+        except BaseException:
+            self._abort_many(rids)
+            raise
+        return results[0] if single else results
+
+    async def async_generate(self, prompt: str | list[str] | None = None,
+                             sampling_params: dict | list[dict] | None = None,
+                             input_ids: list[int] | list[list[int]] | None = None, image_data: Any = None,
+                             return_logprob: bool | list[bool] = False,
+                             logprob_start_len: int | list[int] | None = None,
+                             top_logprobs_num: int | list[int] | None = None,
+                             return_hidden_states: bool | list[bool] = False, stream: bool = False,
+                             rid: str | list[str] | None = None) -> dict | list[dict] | AsyncIterator[dict]:
+        """Generate from a coroutine; with ``stream=True`` await it, then ``async for`` the chunks."""
+        specs, single = self._build(prompt, sampling_params, input_ids, image_data, return_logprob,
+                                    logprob_start_len, top_logprobs_num, return_hidden_states, rid)
+        if stream:
+            return self._async_stream(specs)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rids = self._submit(specs, stream=False, emit=_async_emit(loop, q))
+        results: list[dict | None] = [None] * len(specs)
+        try:
+            for _ in range(len(specs)):
+                i, out = await self._get_async(q)
+                results[i] = out
+        except BaseException:  # includes cancellation of the awaiting task
+            self._abort_many(rids)
+            raise
+        return results[0] if single else results
+
+    def _sync_stream(self, specs: list[RequestSpec]) -> Iterator[dict]:
+        q: queue.Queue = queue.Queue()
+        rids = self._submit(specs, stream=True, emit=lambda i: lambda out: q.put((i, out)))
+        done = 0
+        try:
+            while done < len(specs):
+                _, out = self._get_sync(q)
+                done += out["meta_info"]["finish_reason"] is not None
+                yield out
+        finally:
+            if done < len(specs):
+                self._abort_many(rids)
+
+    async def _async_stream(self, specs: list[RequestSpec]) -> AsyncIterator[dict]:
+        q: asyncio.Queue = asyncio.Queue()
+        rids = self._submit(specs, stream=True, emit=_async_emit(asyncio.get_running_loop(), q))
+        done = 0
+        try:
+            while done < len(specs):
+                _, out = await self._get_async(q)
+                done += out["meta_info"]["finish_reason"] is not None
+                yield out
+        finally:
+            if done < len(specs):
+                self._abort_many(rids)
+
+    # ---------------------------------------------------------------- control
+    def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        """Abort a request (its KV pages are freed before the next step). ``abort_all`` aborts every one."""
+        if rid is None and not abort_all:
+            raise ValueError("Pass the rid of the request to abort, or abort_all=True.")
+        if self._thread.alive():
+            self._thread.post(self._thread.core.abort, None if abort_all else rid)
+
+    def get_server_info(self) -> dict[str, Any]:
+        """Model, device, KV pool size and usage, running/waiting counts, and the engine args."""
+        from . import __version__
+
+        info = self._thread.call(self._thread.core.info)
+        return {**{k: v for k, v in vars(self.config).items()}, "model_path": str(self.model_dir),
+                **info, "version": __version__}
+
+    def shutdown(self) -> None:
+        """Stop the engine thread and free its model and KV memory. Safe to call twice."""
+        self._finalizer()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ---------------------------------------------------------------- helpers
+    def _build(self, prompt, sampling_params, input_ids, image_data, return_logprob, logprob_start_len,
+               top_logprobs_num, return_hidden_states, rid) -> tuple[list[RequestSpec], bool]:
+        self._thread.check()
+        return build_requests(self.tokenizer, self._limits, prompt, sampling_params, input_ids, image_data,
+                              return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states, rid)
+
+    def _submit(self, specs: list[RequestSpec], stream: bool, emit) -> list[str]:
+        batch = len(specs) > 1
+        seqs = [Sequence(rid=s.rid, prompt_ids=s.prompt_ids, params=s.params, emit=emit(i),
+                         index=i if batch else None, stream=stream, logprob=s.logprob)
+                for i, s in enumerate(specs)]
+        self._thread.post(self._thread.core.add, seqs)
+        return [s.rid for s in specs]
+
+    def _abort_many(self, rids: list[str]) -> None:
+        if not self._thread.alive():
+            return
+        core = self._thread.core
+
+        def run() -> None:
+            for r in rids:
+                core.abort(r)
+
+        try:
+            self._thread.post(run)
+        except Exception:  # noqa: BLE001 - the engine is gone; nothing to abort
+            pass
+
+    def _get_sync(self, q: queue.Queue) -> tuple[int, dict]:
+        while True:
+            try:
+                i, out = q.get(timeout=_POLL)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if isinstance(out, BaseException):
+                raise out
+            return i, out
+
+    async def _get_async(self, q: asyncio.Queue) -> tuple[int, dict]:
+        while True:
+            try:
+                i, out = await asyncio.wait_for(q.get(), _POLL)
+            except asyncio.TimeoutError:
+                self._check_alive()
+                continue
+            if isinstance(out, BaseException):
+                raise out
+            return i, out
+
+    def _check_alive(self) -> None:
+        if not self._thread.thread.is_alive() and self._thread.dead is None and not self._thread.stopped:
+            raise EngineDeadError("The engine thread stopped unexpectedly; create a new Engine.")
+        self._thread.check()
+
+
+def _async_emit(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
+    def for_index(i: int):
+        def emit(out: Any) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, (i, out))
+        return emit
+    return for_index
+
+
+def _configure_logging(level: str) -> None:
+    log = logging.getLogger("nbengine")
+    log.setLevel(level.upper())
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[nbengine %(levelname)s] %(message)s"))
+        log.addHandler(handler)

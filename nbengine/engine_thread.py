@@ -1,0 +1,130 @@
+"""EngineThread: the background thread and its private asyncio loop that run EngineCore.
+
+Other threads talk to it only through ``call`` / ``submit`` (``call_soon_threadsafe``).
+It holds no reference to the ``Engine`` facade, so an engine dropped in a notebook is
+collected and its thread stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import EngineConfig
+from .engine_core import EngineCore
+from .errors import EngineDeadError, EngineShutdownError
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger("nbengine")
+
+
+class EngineThread:
+    def __init__(self, config: EngineConfig, model_dir: Path, tokenizer: Tokenizer | None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.core: EngineCore | None = None
+        self.dead: BaseException | None = None  # set when the thread failed
+        self.stopped = False
+        self._stopping = False
+        self._wake: asyncio.Event | None = None
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._main, args=(config, model_dir, tokenizer),
+                                       name="nbengine-engine", daemon=True)
+        self.thread.start()
+        self._ready.result()  # re-raises a load failure in the caller
+
+    # ------------------------------------------------------------ the thread
+    def _main(self, config: EngineConfig, model_dir: Path, tokenizer: Tokenizer | None) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.core = EngineCore(config, model_dir, tokenizer)
+        except BaseException as e:  # noqa: BLE001 - hand any load failure to the constructor
+            self._ready.set_exception(e)
+            self.loop.close()
+            return
+        self._wake = asyncio.Event()
+        self._ready.set_result(None)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as e:  # noqa: BLE001
+            logger.exception("the nbengine engine thread died")
+            self.dead = e
+            self.core.abort_all(EngineDeadError(f"The engine thread died: {type(e).__name__}: {e}"))
+        finally:
+            try:
+                if self.dead is None:
+                    self.core.abort_all(EngineShutdownError("The engine was shut down while the request ran."))
+                self.core.release()
+            finally:
+                self.core = None
+                self.stopped = True
+                self.loop.close()
+
+    async def _serve(self) -> None:
+        core = self.core
+        while not self._stopping:
+            if core.has_work():
+                core.step()
+                await asyncio.sleep(0)  # let submitted requests and aborts in
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+
+    # ---------------------------------------------------- from other threads
+    def alive(self) -> bool:
+        return self.dead is None and not self.stopped and self.thread.is_alive()
+
+    def check(self) -> None:
+        if self.dead is not None or (not self.stopped and not self.thread.is_alive()):
+            raise EngineDeadError(f"The engine thread died ({self.dead!r}); create a new Engine.")
+        if self.stopped or self._stopping:
+            raise EngineShutdownError("This engine was shut down; create a new Engine to continue.")
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the engine thread between steps, and wake it."""
+        self.check()
+
+        def run() -> None:
+            fn(*args)
+            self._wake.set()
+
+        self.loop.call_soon_threadsafe(run)
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn()`` on the engine thread and return its result (raises if the engine dies)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001
+                fut.set_exception(e)
+
+        self.post(run)
+        waited = 0.0
+        while True:
+            try:
+                return fut.result(timeout=0.25)
+            except concurrent.futures.TimeoutError:
+                self.check()
+                waited += 0.25
+                if timeout is not None and waited >= timeout:
+                    raise TimeoutError("the engine did not answer in time") from None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.stopped or not self.thread.is_alive():
+            return
+
+        def halt() -> None:
+            self._stopping = True
+
+        try:
+            self.loop.call_soon_threadsafe(halt)
+            self.loop.call_soon_threadsafe(lambda: self._wake.set())
+        except RuntimeError:  # loop already closed
+            return
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)

@@ -1,0 +1,46 @@
+"""Per-step batch metadata, device-agnostic: what every attention backend and model needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """One step's flattened tokens. Rows are ordered by sequence; sequences with one new token
+    (decodes) come first, so rows ``[0, num_decodes)`` are one token each.
+
+    input_ids, positions, out_slots: ``[T]`` (out_slots = KV slot each new token writes to)
+    page_table: ``[B, max_pages]`` int32 page ids (padding points at scratch page 0)
+    seq_lens:   ``[B]`` tokens in the cache after this step (prefix + new)
+    q_lens, q_starts: ``[B]`` new tokens per sequence and their first row
+    logits_rows: ``[R]`` rows whose logits are needed (sampling + requested input logprobs)
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    out_slots: torch.Tensor
+    page_table: torch.Tensor
+    seq_lens: torch.Tensor
+    q_lens: torch.Tensor
+    q_starts: torch.Tensor
+    logits_rows: torch.Tensor
+    page_size: int
+    num_decodes: int
+    dtype: torch.dtype  # activation dtype (masks are built in it)
+    # host copies, so backends can plan without device syncs
+    seq_lens_host: list[int] = field(default_factory=list)
+    q_lens_host: list[int] = field(default_factory=list)
+    q_starts_host: list[int] = field(default_factory=list)
+    attn: Any = None  # the attention backend's own prepared metadata
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_host)

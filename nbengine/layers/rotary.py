@@ -1,0 +1,70 @@
+"""Rotary position embedding on the *interleaved* layout.
+
+The model loaders permute each head's q/k rows from the HF "rotate half" order
+``[x0..x{d/2-1}, y0..y{d/2-1}]`` to pairs ``[x0, y0, x1, y1, ...]``. Attention scores are
+unchanged (q and k are permuted alike), and the rotation becomes one complex multiply.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedModelError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def interleave_rows(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder each head's rows (dim 0) from rotate-half order to interleaved pairs."""
+    rest = w.shape[1:]
+    w = w.reshape(num_heads, 2, head_dim // 2, *rest).transpose(1, 2)
+    return w.reshape(num_heads * head_dim, *rest)
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        return torch.where(is_mid, mid, scaled)
+    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}.")
+
+
+class Rotary:
+    """Holds the cos/sin table; :meth:`lookup` once per step, :meth:`apply_` once per layer."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
+                 device: torch.device) -> None:
+        inv = inv_frequencies(head_dim, theta, scaling)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv)
+        self.cis = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)  # [P, d/2]
+        self.max_positions = max_positions
+
+    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.cis.index_select(0, positions).unsqueeze(1)  # [T, 1, d/2]
+
+    @staticmethod
+    def apply_(x: torch.Tensor, cis: torch.Tensor) -> None:
+        """Rotate ``x`` ([T, heads, head_dim], last dim contiguous, interleaved) in place."""
+        t, h, d = x.shape
+        if x.dtype == torch.float32:
+            torch.view_as_complex(x.view(t, h, d // 2, 2)).mul_(cis)
+            return
+        pairs = x.view(t, h, d // 2, 2)
+        rot = torch.view_as_complex(pairs.float().contiguous()) * cis
+        pairs.copy_(torch.view_as_real(rot).to(x.dtype))

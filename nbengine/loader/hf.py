@@ -1,0 +1,33 @@
+"""Reading an HF-style folder: safetensors shards (one file or an index of many)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from ..errors import ModelNotFoundError
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(
+            f"No *.safetensors weights in {folder}; nbengine loads safetensors checkpoints "
+            "(convert .bin files with transformers' save_pretrained(safe_serialization=True)).")
+    return files
+
+
+def iter_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of every shard, memory-mapped."""
+    for path in safetensors_files(Path(folder)):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)

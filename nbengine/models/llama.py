@@ -1,0 +1,156 @@
+"""Llama-family decoder (Llama 2/3.x, SmolLM2; Qwen2 and Qwen3 reuse it with two switches).
+
+Reads top to bottom: embed -> N x (norm, attention over the paged cache, norm, SwiGLU MLP)
+-> norm -> LM head. ``T`` is the number of tokens in the step (all sequences flattened).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..forward_batch import ForwardBatch
+from ..layers.attention import TorchPagedAttention
+from ..layers.linear import Linear
+from ..layers.norm import RMSNorm
+from ..layers.rotary import Rotary, interleave_rows
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.hk, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, {"q_proj": self.h * self.d, "k_proj": self.hk * self.d,
+                                                 "v_proj": self.hk * self.d}, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.h * self.d, {"o_proj": cfg.hidden_size})
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cis: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch,
+                backend: TorchPagedAttention) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (H + 2*Hkv) * D]
+        q_end, k_end = self.h * self.d, (self.h + self.hk) * self.d
+        if self.q_norm is not None:
+            q = qkv[:, :q_end].view(t, self.h, self.d)
+            k = qkv[:, q_end:k_end].view(t, self.hk, self.d)
+            q.copy_(self.q_norm(q))
+            k.copy_(self.k_norm(k))
+        Rotary.apply_(qkv[:, :k_end].view(t, self.h + self.hk, self.d), cis)
+        out = backend.forward(qkv[:, :q_end], qkv[:, q_end:], kv_layer, fb)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, {"gate_proj": self.inter, "up_proj": self.inter})
+        self.down_proj = Linear(self.inter, {"down_proj": cfg.hidden_size})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cis: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch,
+                backend: TorchPagedAttention) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cis, kv_layer, fb, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, {"lm_head": cfg.vocab_size})
+        self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
+        self.attn_backend = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self._head: Linear | None = None
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
+                kv: list[torch.Tensor]) -> torch.Tensor:
+        """Returns the final-norm hidden states ``[T, hidden]``."""
+        x = self.embed_tokens(input_ids)
+        cis = self.rotary.lookup(positions)
+        for layer, kv_layer in zip(self.layers, kv):
+            x = layer(x, cis, kv_layer, fb, self.attn_backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head(hidden).float()
+
+    # ----------------------------------------------------------------- loading
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        cfg = self.cfg
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                tensor = interleave_rows(tensor, cfg.num_heads, cfg.head_dim)
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                tensor = interleave_rows(tensor, cfg.num_kv_heads, cfg.head_dim)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                tensor = interleave_rows(tensor, 1, cfg.head_dim)
+            if name.startswith("lm_head") and self.lm_head is None:
+                continue  # tied: some checkpoints still ship a copy
+            module_path, _, leaf = name.rpartition(".")
+            module_path, _, shard = module_path.rpartition(".")
+            fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+            if name.startswith("lm_head"):
+                self.lm_head.load_shard("lm_head", tensor.to(self.lm_head.weight.dtype), leaf == "bias")
+            elif shard in fused or shard in ("o_proj", "down_proj"):
+                target = self.get_submodule(f"{module_path}.{fused.get(shard, shard)}")
+                target.load_shard(shard, tensor.to(target.weight.dtype), leaf == "bias")
+            elif name in params:
+                param = params[name]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
+                param.copy_(tensor)
+            else:
+                raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+            seen.add(name)
+        if not any(n.startswith("embed_tokens") for n in seen):
+            raise ValueError("the checkpoint has no embed_tokens weight")
+        self.finalize()
+
+    def finalize(self) -> None:
+        if self.lm_head is None:
+            head = Linear(self.cfg.hidden_size, {"lm_head": self.cfg.vocab_size})
+            head.weight = self.embed_tokens.weight
+            self._head = head
+        else:
+            self._head = self.lm_head
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.finalize()
+        self._head.finalize()

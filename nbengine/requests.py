@@ -1,0 +1,174 @@
+"""Turning ``generate(...)`` arguments into validated request specs, on the caller's thread.
+
+Everything a user can get wrong is checked here, before anything reaches the engine thread,
+so a bad call raises and leaves the engine untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .sampling_params import SamplingParams
+from .sequence import LogprobRequest
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger("nbengine")
+
+
+@dataclass
+class RequestSpec:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    logprob: LogprobRequest
+
+
+@dataclass
+class Limits:
+    vocab_size: int
+    context_length: int
+    kv_capacity: int
+    allow_auto_truncate: bool
+    skip_tokenizer_init: bool
+    enable_return_hidden_states: bool
+
+
+def build_requests(
+    tokenizer: Tokenizer | None,
+    limits: Limits,
+    prompt: str | list[str] | None,
+    sampling_params: dict | list[dict] | None,
+    input_ids: list[int] | list[list[int]] | None,
+    image_data: Any,
+    return_logprob: bool | list[bool],
+    logprob_start_len: int | list[int] | None,
+    top_logprobs_num: int | list[int] | None,
+    return_hidden_states: bool | list[bool],
+    rid: str | list[str] | None,
+) -> tuple[list[RequestSpec], bool]:
+    """Returns the specs (prompt-major, ``i * n + j``) and whether the call was a single prompt."""
+    if image_data is not None:
+        raise ValueError("image_data was given, but this model has no vision encoder; pass text or input_ids only.")
+    if _any(return_hidden_states):
+        if not limits.enable_return_hidden_states:
+            raise ValueError("The engine is not configured to return the hidden states. "
+                             "Create it with Engine(..., enable_return_hidden_states=True).")
+        raise NotImplementedError("return_hidden_states is not implemented yet in nbengine.")
+    if prompt is None and input_ids is None:
+        raise ValueError("Either text, input_ids or input_embeds should be provided.")
+    if prompt is not None and input_ids is not None:
+        raise ValueError("Pass either prompt or input_ids, not both.")
+
+    if prompt is not None:
+        if limits.skip_tokenizer_init or tokenizer is None:
+            raise ValueError("This engine was created with skip_tokenizer_init=True; pass input_ids instead of prompt.")
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a list of strings.")
+        ids_list = []
+        for i, p in enumerate(prompts):
+            if p == "":
+                raise ValueError(f"prompt {i} is empty; give at least one character.")
+            ids_list.append(tokenizer.encode(p))
+    else:
+        single = len(input_ids) > 0 and not isinstance(input_ids[0], (list, tuple))
+        ids_list = [list(input_ids)] if single or len(input_ids) == 0 else [list(x) for x in input_ids]
+    if not ids_list:
+        raise ValueError("The prompt list is empty.")
+    for i, ids in enumerate(ids_list):
+        if not ids:
+            raise ValueError("input_ids cannot be empty." if len(ids_list) == 1 else f"input_ids {i} cannot be empty.")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"input_ids must be integers, got {ids[:8]!r}...")
+        bad = [t for t in ids if t < 0 or t >= limits.vocab_size]
+        if bad:
+            raise ValueError(f"The input_ids {bad[:8]} contain values outside the vocab size ({limits.vocab_size}): "
+                             f"token ids must be in [0, {limits.vocab_size - 1}].")
+
+    num = len(ids_list)
+    params = _per_prompt(sampling_params, num, "sampling_params")
+    sps = [SamplingParams.from_dict(p) for p in params]
+    for sp in sps:
+        sp.verify(vocab_size=limits.vocab_size)
+        if sp.json_schema is not None or sp.regex is not None or sp.ebnf is not None:
+            raise ValueError("Structured output (json_schema / regex / ebnf) is not supported by nbengine yet.")
+    n = sps[0].n
+    if any(sp.n != n for sp in sps):
+        raise ValueError("With a list of sampling_params, every n must be equal.")
+    if n > 1:
+        single = False
+
+    want_lp = _per_prompt(return_logprob, num, "return_logprob")
+    starts = _per_prompt(logprob_start_len, num, "logprob_start_len")
+    tops = _per_prompt(top_logprobs_num, num, "top_logprobs_num")
+    total = num * n
+    rids = _rids(rid, total)
+
+    specs: list[RequestSpec] = []
+    for i, (ids, sp) in enumerate(zip(ids_list, sps)):
+        ids, sp = _fit_context(ids, sp, limits, i if num > 1 else None)
+        start = starts[i]
+        if start is None or start < 0:
+            start = len(ids) - 1
+        if start >= len(ids):
+            raise ValueError(f"logprob_start_len ({start}) must be less than the prompt length ({len(ids)}).")
+        top_k = tops[i] or 0
+        if top_k < 0:
+            raise ValueError(f"top_logprobs_num must be non-negative, got {top_k}.")
+        lp = LogprobRequest(bool(want_lp[i]), start, int(top_k))
+        for j in range(n):
+            spj = sp
+            if n > 1:
+                spj = dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j)
+            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp))
+    return specs, single
+
+
+def _fit_context(ids: list[int], sp: SamplingParams, limits: Limits, idx: int | None) -> tuple[list[int], SamplingParams]:
+    ctx = min(limits.context_length, limits.kv_capacity)
+    where = "" if idx is None else f" (prompt {idx})"
+    if len(ids) >= ctx:
+        if not limits.allow_auto_truncate:
+            raise ValueError(f"The input ({len(ids)} tokens){where} is longer than the model's context length "
+                             f"({ctx} tokens). Shorten the prompt or create the engine with allow_auto_truncate=True.")
+        logger.warning("truncating a %d-token prompt to %d tokens", len(ids), ctx - 1)
+        ids = ids[: ctx - 1]
+    if sp.max_new_tokens is not None and len(ids) + sp.max_new_tokens > ctx:
+        if not limits.allow_auto_truncate:
+            raise ValueError(
+                f"Requested token count exceeds the model's maximum context length of {ctx} tokens{where}. "
+                f"You requested a total of {len(ids) + sp.max_new_tokens} tokens: {len(ids)} tokens from the input "
+                f"messages and {sp.max_new_tokens} tokens for the completion. Reduce the length of the input or "
+                "max_new_tokens.")
+        sp = dataclasses.replace(sp, max_new_tokens=ctx - len(ids))
+    return ids, sp
+
+
+def _any(value: bool | list[bool]) -> bool:
+    return any(value) if isinstance(value, (list, tuple)) else bool(value)
+
+
+def _per_prompt(value: Any, num: int, name: str) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != num:
+            raise ValueError(f"{name} has {len(value)} entries but there are {num} prompts.")
+        return list(value)
+    return [value] * num
+
+
+def _rids(rid: str | list[str] | None, total: int) -> list[str]:
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(total)]
+    if isinstance(rid, str):
+        return [rid] if total == 1 else [f"{rid}_{i}" for i in range(total)]
+    rids = list(rid)
+    if len(rids) != total:
+        raise ValueError(f"rid has {len(rids)} entries but the call makes {total} requests.")
+    if len(set(rids)) != len(rids):
+        raise ValueError("rid entries must be unique.")
+    return rids

@@ -1,0 +1,85 @@
+"""One request's state as the engine thread sees it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class LogprobRequest:
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt + generated tokens, KV pages and the output sink of one request.
+
+    ``num_computed`` counts the tokens whose K/V are in the cache; the tokens still to run
+    are ``all_ids[num_computed:]``. Preemption resets ``num_computed`` to 0 and frees pages.
+    """
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[dict[str, Any]], None]
+    index: int | None = None  # position in a batch request, reported as "index" when streaming
+    stream: bool = False
+    logprob: LogprobRequest = field(default_factory=LogprobRequest)
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    arrival: float = field(default_factory=time.perf_counter)
+    generator: torch.Generator | None = None
+    finish_reason: dict[str, Any] | None = None
+    num_preemptions: int = 0
+    # logprob outputs (filled only when requested)
+    input_token_logprobs: list[tuple] = field(default_factory=list)
+    input_top_logprobs: list[Any] = field(default_factory=list)
+    output_token_logprobs: list[tuple] = field(default_factory=list)
+    output_top_logprobs: list[Any] = field(default_factory=list)
+    # detokenizer state lives in a separate object owned by the engine core
+    detok: Any = None
+    last_emitted_tokens: int = 0
+    last_emitted_text: int = 0
+    input_lp_pos: int = 0  # next prompt position whose input logprob is still to compute
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Still running the prompt (or a recompute after preemption)."""
+        return self.num_uncomputed > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def wants_input_logprobs(self) -> bool:
+        return self.logprob.return_logprob and self.logprob.logprob_start_len < len(self.prompt_ids) - 1
