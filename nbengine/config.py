@@ -140,6 +140,21 @@ class ModelConfig:
         )
 
 
+def check_architecture(model_dir: str | os.PathLike) -> None:
+    """Fail fast, before the tokenizer and weights load, on a model we have no implementation for."""
+    from .errors import UnsupportedModelError
+    from .models import get_model_class
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    if not archs:
+        from .models import MODEL_REGISTRY
+
+        raise UnsupportedModelError(f"{Path(model_dir) / 'config.json'} names no architectures; supported "
+                                    f"architectures: {sorted(MODEL_REGISTRY)}.")
+    get_model_class(archs[0])  # raises UnsupportedModelError listing the supported ones
+
+
 def _rope_params_scaling(params: dict[str, Any] | None) -> dict[str, Any] | None:
     """transformers 5 stores rope scaling in ``rope_parameters``; 'default' means none."""
     if not params or params.get("rope_type", "default") == "default":

@@ -9,9 +9,9 @@ import time
 import weakref
 from typing import Any, AsyncIterator, Iterator
 
-from .config import EngineConfig
+from .config import EngineConfig, check_architecture
 from .engine_thread import EngineThread
-from .errors import EngineDeadError
+from .errors import EngineDeadError, EngineShutdownError
 from .loader.resolve import resolve_model_path
 from .requests import Limits, RequestSpec, build_requests
 from .sequence import Sequence
@@ -34,10 +34,11 @@ class Engine:
         _configure_logging(self.config.log_level)
         t0 = time.perf_counter()
         self.model_dir = resolve_model_path(model_path)
+        check_architecture(self.model_dir)
         self.tokenizer = None if self.config.skip_tokenizer_init else Tokenizer(
             self.config.tokenizer_path or self.model_dir)
         self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
-        info = self._thread.call(self._thread.core.info)
+        info = self._thread.call(self._thread.live_core().info)
         self._limits = Limits(
             vocab_size=self._thread.core.runner.model_config.vocab_size,
             context_length=info["context_length"],
@@ -60,9 +61,9 @@ class Engine:
         specs, single = self._build(prompt, sampling_params, input_ids, image_data, return_logprob,
                                     logprob_start_len, top_logprobs_num, return_hidden_states, rid)
         if stream:
-            return self._sync_stream(specs)
+            return self._sync_stream(specs, single)
         q: queue.Queue = queue.Queue()
-        rids = self._submit(specs, stream=False, emit=lambda i: lambda out: q.put((i, out)))
+        rids = self._submit(specs, single, stream=False, emit=lambda i: lambda out: q.put((i, out)))
         results: list[dict | None] = [None] * len(specs)
         try:
             for _ in range(len(specs)):
@@ -85,10 +86,10 @@ class Engine:
         specs, single = self._build(prompt, sampling_params, input_ids, image_data, return_logprob,
                                     logprob_start_len, top_logprobs_num, return_hidden_states, rid)
         if stream:
-            return self._async_stream(specs)
+            return self._async_stream(specs, single)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        rids = self._submit(specs, stream=False, emit=_async_emit(loop, q))
+        rids = self._submit(specs, single, stream=False, emit=_async_emit(loop, q))
         results: list[dict | None] = [None] * len(specs)
         try:
             for _ in range(len(specs)):
@@ -99,9 +100,9 @@ class Engine:
             raise
         return results[0] if single else results
 
-    def _sync_stream(self, specs: list[RequestSpec]) -> Iterator[dict]:
+    def _sync_stream(self, specs: list[RequestSpec], single: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
-        rids = self._submit(specs, stream=True, emit=lambda i: lambda out: q.put((i, out)))
+        rids = self._submit(specs, single, stream=True, emit=lambda i: lambda out: q.put((i, out)))
         done = 0
         try:
             while done < len(specs):
@@ -112,9 +113,9 @@ class Engine:
             if done < len(specs):
                 self._abort_many(rids)
 
-    async def _async_stream(self, specs: list[RequestSpec]) -> AsyncIterator[dict]:
+    async def _async_stream(self, specs: list[RequestSpec], single: bool) -> AsyncIterator[dict]:
         q: asyncio.Queue = asyncio.Queue()
-        rids = self._submit(specs, stream=True, emit=_async_emit(asyncio.get_running_loop(), q))
+        rids = self._submit(specs, single, stream=True, emit=_async_emit(asyncio.get_running_loop(), q))
         done = 0
         try:
             while done < len(specs):
@@ -131,13 +132,16 @@ class Engine:
         if rid is None and not abort_all:
             raise ValueError("Pass the rid of the request to abort, or abort_all=True.")
         if self._thread.alive():
-            self._thread.post(self._thread.core.abort, None if abort_all else rid)
+            try:
+                self._thread.post(self._thread.live_core().abort, None if abort_all else rid)
+            except (EngineDeadError, EngineShutdownError):  # it stopped meanwhile: nothing left to abort
+                pass
 
     def get_server_info(self) -> dict[str, Any]:
         """Model, device, KV pool size and usage, running/waiting counts, and the engine args."""
         from . import __version__
 
-        info = self._thread.call(self._thread.core.info)
+        info = self._thread.call(self._thread.live_core().info)
         return {**{k: v for k, v in vars(self.config).items()}, "model_path": str(self.model_dir),
                 **info, "version": __version__}
 
@@ -158,24 +162,24 @@ class Engine:
         return build_requests(self.tokenizer, self._limits, prompt, sampling_params, input_ids, image_data,
                               return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states, rid)
 
-    def _submit(self, specs: list[RequestSpec], stream: bool, emit) -> list[str]:
-        batch = len(specs) > 1
+    def _submit(self, specs: list[RequestSpec], single: bool, stream: bool, emit) -> list[str]:
+        # every request of a batch call (a list, or n > 1) reports its "index", even a list of one
         seqs = [Sequence(rid=s.rid, prompt_ids=s.prompt_ids, params=s.params, emit=emit(i),
-                         index=i if batch else None, stream=stream, logprob=s.logprob)
+                         index=None if single else i, stream=stream, logprob=s.logprob)
                 for i, s in enumerate(specs)]
-        self._thread.post(self._thread.core.add, seqs)
+        self._thread.post(self._thread.live_core().add, seqs)
         return [s.rid for s in specs]
 
     def _abort_many(self, rids: list[str]) -> None:
         if not self._thread.alive():
             return
-        core = self._thread.core
-
-        def run() -> None:
-            for r in rids:
-                core.abort(r)
-
         try:
+            core = self._thread.live_core()
+
+            def run() -> None:
+                for r in rids:
+                    core.abort(r)
+
             self._thread.post(run)
         except Exception:  # noqa: BLE001 - the engine is gone; nothing to abort
             pass

@@ -56,11 +56,24 @@ class EngineCore:
                 self._finish(seq, {"type": "abort", "message": f"a request with rid {seq.rid!r} is already running"},
                              registered=False)
                 continue
-            if self.tokenizer is not None:
-                seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params)
-            if seq.params.seed is not None:
-                seq.generator = torch.Generator(device=self.runner.device)
-                seq.generator.manual_seed(seq.params.seed)
+            try:
+                if self.tokenizer is not None:
+                    seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, seq.params)
+                if seq.params.seed is not None:
+                    seq.generator = torch.Generator(device=self.runner.device)
+                    seq.generator.manual_seed(seq.params.seed)
+            except Exception as e:  # noqa: BLE001 - fail this request (its caller raises e), not the engine
+                logger.exception("could not start request %s", seq.rid)
+                try:
+                    seq.emit(e)
+                except Exception:  # noqa: BLE001 - the caller may be gone already
+                    pass
+                continue
+            if seq.logprob.return_logprob and seq.logprob.logprob_start_len == 0:
+                # the first prompt token has no logprob: SGLang reports it as None
+                seq.input_token_logprobs.append((None, seq.prompt_ids[0], None))
+                if seq.logprob.top_logprobs_num > 0:
+                    seq.input_top_logprobs.append(None)
             self.seqs[seq.rid] = seq
             self.scheduler.add(seq)
 
@@ -107,9 +120,6 @@ class EngineCore:
     def _input_logprobs(self, it: ScheduledSeq, logits: torch.Tensor) -> None:
         seq = it.seq
         lo = max(it.start, max(seq.logprob.logprob_start_len, 1) - 1, seq.input_lp_pos)
-        if seq.logprob.logprob_start_len == 0 and lo == 0:
-            seq.input_token_logprobs.append((None, seq.prompt_ids[0], None))
-            seq.input_top_logprobs.append(None)
         lps = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(seq.prompt_ids[lo + 1 : lo + 1 + logits.shape[0]], device=lps.device)
         chosen = lps.gather(1, targets.view(-1, 1)).view(-1).tolist()

@@ -83,15 +83,31 @@ class EngineThread:
         if self.stopped or self._stopping:
             raise EngineShutdownError("This engine was shut down; create a new Engine to continue.")
 
+    def live_core(self) -> EngineCore:
+        """The engine core, to hand one of its methods to ``post`` / ``call``; raises once the engine is gone."""
+        self.check()
+        core = self.core
+        if core is None:
+            raise EngineShutdownError("This engine was shut down; create a new Engine to continue.")
+        return core
+
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the engine thread between steps, and wake it."""
         self.check()
 
         def run() -> None:
-            fn(*args)
-            self._wake.set()
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a failed request must not stop the loop's wake-up
+                logger.exception("engine-thread callback %r failed", fn)
+            finally:
+                self._wake.set()
 
-        self.loop.call_soon_threadsafe(run)
+        try:
+            self.loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop closed between check() and here: the engine just stopped or died
+            self.check()
+            raise EngineShutdownError("This engine was shut down; create a new Engine to continue.") from None
 
     def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Run ``fn()`` on the engine thread and return its result (raises if the engine dies)."""

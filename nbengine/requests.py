@@ -76,15 +76,14 @@ def build_requests(
                 raise ValueError(f"prompt {i} is empty; give at least one character.")
             ids_list.append(tokenizer.encode(p))
     else:
-        single = len(input_ids) > 0 and not isinstance(input_ids[0], (list, tuple))
-        ids_list = [list(input_ids)] if single or len(input_ids) == 0 else [list(x) for x in input_ids]
+        first = input_ids[0] if len(input_ids) else None
+        single = first is not None and not isinstance(first, (list, tuple)) and getattr(first, "ndim", 0) == 0
+        ids_list = [_as_ids(input_ids)] if single or len(input_ids) == 0 else [_as_ids(x) for x in input_ids]
     if not ids_list:
         raise ValueError("The prompt list is empty.")
     for i, ids in enumerate(ids_list):
         if not ids:
             raise ValueError("input_ids cannot be empty." if len(ids_list) == 1 else f"input_ids {i} cannot be empty.")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError(f"input_ids must be integers, got {ids[:8]!r}...")
         bad = [t for t in ids if t < 0 or t >= limits.vocab_size]
         if bad:
             raise ValueError(f"The input_ids {bad[:8]} contain values outside the vocab size ({limits.vocab_size}): "
@@ -118,8 +117,8 @@ def build_requests(
         if start >= len(ids):
             raise ValueError(f"logprob_start_len ({start}) must be less than the prompt length ({len(ids)}).")
         top_k = tops[i] or 0
-        if top_k < 0:
-            raise ValueError(f"top_logprobs_num must be non-negative, got {top_k}.")
+        if not 0 <= top_k <= limits.vocab_size:
+            raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}] (the vocab size), got {top_k}.")
         lp = LogprobRequest(bool(want_lp[i]), start, int(top_k))
         for j in range(n):
             spj = sp
@@ -147,6 +146,18 @@ def _fit_context(ids: list[int], sp: SamplingParams, limits: Limits, idx: int | 
                 "max_new_tokens.")
         sp = dataclasses.replace(sp, max_new_tokens=ctx - len(ids))
     return ids, sp
+
+
+def _as_ids(ids: Any) -> list[int]:
+    """A flat list of Python ints (numpy / torch integers accepted; floats and bools refused)."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise ValueError(f"input_ids must be integers, got {t!r} in {list(ids)[:8]!r}.")
+        out.append(int(t.__index__()))
+    return out
 
 
 def _any(value: bool | list[bool]) -> bool:

