@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
-
 import torch
 
 logger = logging.getLogger("nbengine")
@@ -45,7 +43,8 @@ class KVPool:
         ]
         for layer in self.kv:
             layer[:page_size].zero_()
-        self._free: deque[int] = deque(range(1, num_pages))
+        # a stack: the most recently freed (cache-warm, already faulted-in) pages are reused first
+        self._free: list[int] = list(range(num_pages - 1, 0, -1))
 
     # -------------------------------------------------------------- accounting
     @property
@@ -76,7 +75,7 @@ class KVPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"KV pool out of pages: asked for {n}, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        return [self._free.pop() for _ in range(n)]
 
     def free(self, pages: list[int]) -> None:
         self._free.extend(pages)
