@@ -1,0 +1,72 @@
+"""The same engine on an NVIDIA GPU (skipped without one): greedy parity with transformers there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+PROMPTS = [[5 + 7 * i + j for j in range(3 + 11 * i)] for i in range(8)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny_no_tokenizer(request, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)
+    model = (LlamaForCausalLM(LlamaConfig(**common)) if request.param == "llama"
+             else Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    out = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(out)
+    return out
+
+
+def _hf_greedy(folder, dtype, prompt, n):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).cuda().eval()
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        out = hf.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+        logits = hf(out).logits[0].float()
+    return out[0, len(prompt):].tolist(), torch.log_softmax(logits, -1)
+
+
+def test_cuda_greedy_matches_transformers_in_float32(tiny_no_tokenizer):
+    from nbengine.engine import Engine
+
+    sp = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    with Engine(str(tiny_no_tokenizer), device="cuda", dtype="float32", skip_tokenizer_init=True,
+                random_seed=0) as llm:
+        info = llm.get_server_info()
+        assert info["device"].startswith("cuda") and info["dtype"] == "float32"
+        outs = llm.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True)
+    for p, o in zip(PROMPTS, outs):
+        ref, lps = _hf_greedy(tiny_no_tokenizer, torch.float32, p, 12)
+        assert o["output_ids"] == ref
+        ours = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+        theirs = [lps[len(p) - 1 + i, t].item() for i, t in enumerate(ref)]
+        assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3
+
+
+def test_cuda_auto_dtype_is_bfloat16_and_close_to_transformers(tiny_no_tokenizer):
+    from nbengine.engine import Engine
+
+    sp = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
+    with Engine(str(tiny_no_tokenizer), device="cuda", skip_tokenizer_init=True, random_seed=0) as llm:
+        assert llm.get_server_info()["dtype"] == "bfloat16"
+        outs = llm.generate(input_ids=PROMPTS, sampling_params=sp, return_logprob=True, top_logprobs_num=1)
+        sampled = llm.generate(input_ids=PROMPTS, sampling_params={"temperature": 0.8, "top_p": 0.9,
+                                                                    "max_new_tokens": 8, "seed": 1})
+    assert all(len(o["output_ids"]) == 8 for o in sampled)
+    for p, o in zip(PROMPTS, outs):
+        _, lps = _hf_greedy(tiny_no_tokenizer, torch.float32, p, 1)
+        ours = o["meta_info"]["output_token_logprobs"][0]
+        assert abs(ours[0] - lps[len(p) - 1, ours[1]].item()) < 0.1  # bf16 vs fp32 reference
