@@ -38,7 +38,7 @@ class EngineConfig:
     dp_size: int = 1
     enable_return_hidden_states: bool = False
     skip_tokenizer_init: bool = False
-    log_level: str = "error"
+    log_level: str | None = None  # None: leave the "nbengine" logger as configured (WARNING if unset)
     incremental_streaming_output: bool = False
     allow_auto_truncate: bool = False
     stream_interval: int = 1
@@ -76,7 +76,7 @@ class EngineConfig:
             raise ValueError("tp_size and dp_size other than 1 are not supported yet; use tp_size=1, dp_size=1.")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}.")
-        level = logging.getLevelName(str(self.log_level).upper())
+        level = logging.getLevelName(str(self.log_level).upper()) if self.log_level is not None else 0
         if not isinstance(level, int):
             raise ValueError(f"log_level must be one of debug, info, warning, error, got {self.log_level!r}.")
 

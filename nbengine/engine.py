@@ -220,9 +220,13 @@ def _async_emit(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
     return for_index
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str | None) -> None:
+    """Set the "nbengine" logger's level only when asked (or when nobody set it), add a handler once."""
     log = logging.getLogger("nbengine")
-    log.setLevel(level.upper())
+    if level is not None:
+        log.setLevel(level.upper())
+    elif log.level == logging.NOTSET:
+        log.setLevel(logging.WARNING)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[nbengine %(levelname)s] %(message)s"))

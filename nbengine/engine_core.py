@@ -47,7 +47,7 @@ class EngineCore:
         self.sampler = Sampler(mc.vocab_size, eos, self.runner.device, seed)
         self.seqs: dict[str, Sequence] = {}
         self.num_finished = 0
-        self.last_step_tokens = 0
+        self.last_gen_throughput = 0.0  # tokens sampled per second in the latest step
 
     # --------------------------------------------------------------- intake
     def add(self, seqs: list[Sequence]) -> None:
@@ -99,8 +99,8 @@ class EngineCore:
         items = self.scheduler.schedule()
         if not items:
             return
+        t0 = time.perf_counter()
         out, items = self.runner.run(items)
-        self.last_step_tokens = sum(it.num_tokens for it in items)
         for it in items:
             it.seq.num_computed += it.num_tokens
         for it, (r0, n) in zip(items, out.input_rows):
@@ -112,6 +112,7 @@ class EngineCore:
         seqs = [it.seq for it, _ in sampling]
         rows = torch.tensor([r for _, r in sampling], device=out.logits.device)
         result = self.sampler(out.logits.index_select(0, rows), seqs)
+        self.last_gen_throughput = len(seqs) / max(time.perf_counter() - t0, 1e-9)
         for i, seq in enumerate(seqs):
             lp = result.logprobs[i] if result.logprobs is not None else None
             top = result.top[i] if result.top is not None else None
@@ -228,6 +229,7 @@ class EngineCore:
             "num_waiting_reqs": len(self.scheduler.waiting),
             "num_finished_reqs": self.num_finished,
             "num_preemptions": self.scheduler.num_preemptions,
+            "last_gen_throughput": self.last_gen_throughput,
             "max_running_requests": self.scheduler.max_running,
             "chunked_prefill_size": self.scheduler.token_budget,
             "context_length": self.runner.context_length,

@@ -79,7 +79,3 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
-
-    @property
-    def wants_input_logprobs(self) -> bool:
-        return self.logprob.return_logprob and self.logprob.logprob_start_len < len(self.prompt_ids) - 1
