@@ -47,6 +47,7 @@ class Engine:
             skip_tokenizer_init=self.config.skip_tokenizer_init,
             enable_return_hidden_states=self.config.enable_return_hidden_states,
         )
+        self._device = f'{info["device"]}, {info["dtype"]}'
         self._finalizer = weakref.finalize(self, self._thread.stop)
         logger.info("engine ready in %.2fs: %s", time.perf_counter() - t0, self.model_dir)
 
@@ -148,6 +149,10 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the engine thread and free its model and KV memory. Safe to call twice."""
         self._finalizer()
+
+    def __repr__(self) -> str:
+        state = "running" if self._thread.alive() else ("dead" if self._thread.dead else "shut down")
+        return f"Engine(model_path={str(self.model_dir)!r}, {self._device}, {state})"
 
     def __enter__(self) -> "Engine":
         return self
