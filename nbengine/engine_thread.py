@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from .config import EngineConfig
 from .engine_core import EngineCore
+from .layers.cpu_threads import omp_team
 from .errors import EngineDeadError, EngineShutdownError
 from .tokenizer import Tokenizer
 
@@ -39,6 +40,7 @@ class EngineThread:
     # ------------------------------------------------------------ the thread
     def _main(self, config: EngineConfig, model_dir: Path, tokenizer: Tokenizer | None) -> None:
         asyncio.set_event_loop(self.loop)
+        omp_team.manage_this_thread()
         try:
             self.core = EngineCore(config, model_dir, tokenizer)
         except BaseException as e:  # noqa: BLE001 - hand any load failure to the constructor

@@ -13,6 +13,7 @@ import torch
 from .config import EngineConfig, ModelConfig
 from .forward_batch import ForwardBatch
 from .kv_cache import KVPool
+from .layers.cpu_threads import omp_team
 from .loader.hf import iter_weights
 from .models import get_model_class
 from .scheduler import ScheduledSeq
@@ -101,6 +102,7 @@ class ModelRunner:
         items = sorted(items, key=lambda it: it.num_tokens != 1)  # decodes first (stable)
         fb, input_rows = self._prepare(items)
         self.model.attn_backend.prepare(fb)
+        omp_team.begin_step(fb.num_tokens)
         hidden = self.model(fb.input_ids, fb.positions, fb, self.pool.kv)
         logits = self.model.compute_logits(hidden.index_select(0, fb.logits_rows))
         sample_rows, r = [], 0

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..forward_batch import ForwardBatch
+from .cpu_threads import omp_team
 
 
 def _sdpa_has_gqa() -> bool:
@@ -133,11 +134,11 @@ class TorchPagedAttention:
         bd = fb.num_decodes
         dec_out = None
         if bd:
-            ctx = kv_layer.index_select(0, meta.dec_slots).view(bd, meta.dec_len, 2, hk, d)
+            ctx = omp_team.wide(kv_layer.index_select, 0, meta.dec_slots).view(bd, meta.dec_len, 2, hk, d)
             k = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D]
             v = ctx[:, :, 1].transpose(1, 2)
             qd = q[:bd].view(bd, hk, g, d)  # the group's query heads act as rows: no K/V repeat
-            dec_out = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.dec_mask, scale=self.scale)
+            dec_out = omp_team.wide(F.scaled_dot_product_attention, qd, k, v, attn_mask=meta.dec_mask, scale=self.scale)
             dec_out = dec_out.reshape(bd, h * d)
             if bd == t:
                 return dec_out
@@ -151,10 +152,11 @@ class TorchPagedAttention:
             v = ctx[:, :, 1].transpose(1, 2)
             qg = q.index_select(0, grp.q_rows).view(n, lq, h, d).transpose(1, 2)  # [G, H, Lq, D]
             if _GQA:
-                o = F.scaled_dot_product_attention(qg, k, v, attn_mask=grp.mask, scale=self.scale, enable_gqa=g > 1)
+                o = omp_team.wide(F.scaled_dot_product_attention, qg, k, v, attn_mask=grp.mask, scale=self.scale,
+                                  enable_gqa=g > 1)
             else:
-                o = F.scaled_dot_product_attention(qg, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
-                                                   attn_mask=grp.mask, scale=self.scale)
+                o = omp_team.wide(F.scaled_dot_product_attention, qg, k.repeat_interleave(g, 1),
+                                  v.repeat_interleave(g, 1), attn_mask=grp.mask, scale=self.scale)
             o = o.transpose(1, 2).reshape(n * lq, h * d)
             out.index_copy_(0, grp.out_rows, o.index_select(0, grp.valid))
         return out

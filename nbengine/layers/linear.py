@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_threads import omp_team
+
 logger = logging.getLogger("nbengine")
 
 
@@ -69,5 +71,5 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_onednn and x.dim() == 2:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return omp_team.wide(torch.ops.mkldnn._linear_pointwise, x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
