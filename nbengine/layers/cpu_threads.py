@@ -40,6 +40,9 @@ class _OmpTeam:
     def manage_this_thread(self) -> None:
         """Let :meth:`begin_step` narrow the calling thread (the engine thread calls it once)."""
         if self._set is not None:
+            # torch initialises a thread's OpenMP count on its first parallel call (to the count
+            # set by torch.set_num_threads, if any); do that now so our settings are not undone
+            self.wide_threads = torch.get_num_threads()
             self._local.base = self.wide_threads
 
     def begin_step(self, num_tokens: int) -> None:
