@@ -4,7 +4,7 @@ On the engine's background thread, GNU OpenMP wakes its workers more slowly than
 thread, so the many small element-wise ops of a decode step (norms, adds, activations on a few
 dozen rows) cost ~3x more when they run parallel. In steps of few tokens the engine thread
 therefore runs with one OpenMP thread and widens to the full count only around the big kernels
-(GEMMs, attention): +13 % at 64 decoding requests, neutral for one. Steps with many tokens
+(GEMMs, attention): +5-13 % at 64 decoding requests, neutral for one. Steps with many tokens
 (prefill) keep the full team throughout. This uses libgomp's ``omp_set_num_threads``, which only
 changes the calling thread; where torch does not ship libgomp (macOS, Windows) nothing changes.
 """
