@@ -125,7 +125,7 @@ class ModelRunner:
         for it in items:
             seq, start, n = it.seq, it.start, it.num_tokens
             q_starts.append(len(ids))
-            ids.extend(seq.all_ids[start : start + n])
+            ids.extend(seq.tokens(start, start + n))
             pos.extend(range(start, start + n))
             q_lens.append(n)
             seq_lens.append(start + n)

@@ -30,7 +30,7 @@ class Sequence:
     """Prompt + generated tokens, KV pages and the output sink of one request.
 
     ``num_computed`` counts the tokens whose K/V are in the cache; the tokens still to run
-    are ``all_ids[num_computed:]``. Preemption resets ``num_computed`` to 0 and frees pages.
+    are ``tokens(num_computed, num_tokens)``. Preemption resets ``num_computed`` to 0 and frees pages.
     """
 
     rid: str
@@ -59,9 +59,14 @@ class Sequence:
     last_emitted_text: int = 0
     input_lp_pos: int = 0  # next prompt position whose input logprob is still to compute
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids ``start:end`` of prompt + output, without copying the whole sequence."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     @property
     def num_tokens(self) -> int:
