@@ -18,7 +18,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .sampler import Sampler
-from .scheduler import ScheduledSeq, Scheduler
+from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -103,9 +103,9 @@ class EngineCore:
         out, items = self.runner.run(items)
         for it in items:
             it.seq.num_computed += it.num_tokens
-        for it, (r0, n) in zip(items, out.input_rows):
+        for it, (r0, n, pos) in zip(items, out.input_rows):
             if n:
-                self._input_logprobs(it, out.logits[r0 : r0 + n])
+                self._input_logprobs(it.seq, pos, out.logits[r0 : r0 + n])
         sampling = [(it, r) for it, r in zip(items, out.sample_rows) if r >= 0]
         if not sampling:
             return
@@ -118,9 +118,8 @@ class EngineCore:
             top = result.top[i] if result.top is not None else None
             self._append(seq, result.tokens[i], lp, top)
 
-    def _input_logprobs(self, it: ScheduledSeq, logits: torch.Tensor) -> None:
-        seq = it.seq
-        lo = max(it.start, max(seq.logprob.logprob_start_len, 1) - 1, seq.input_lp_pos)
+    def _input_logprobs(self, seq: Sequence, lo: int, logits: torch.Tensor) -> None:
+        """Logits of prompt positions ``lo, lo+1, ...`` score prompt tokens ``lo+1, lo+2, ...``."""
         lps = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(seq.prompt_ids[lo + 1 : lo + 1 + logits.shape[0]], device=lps.device)
         chosen = lps.gather(1, targets.view(-1, 1)).view(-1).tolist()

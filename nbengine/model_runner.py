@@ -42,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class StepLogits:
     logits: torch.Tensor  # [R, V] float32, rows as listed in ``rows``
     sample_rows: list[int]  # for each scheduled item that samples: its row in ``logits`` (else -1)
-    input_rows: list[tuple[int, int]]  # per item: (first logits row, count) of extra prompt rows
+    input_rows: list[tuple[int, int, int]]  # per item: (first logits row, count, first prompt position)
 
 
 class ModelRunner:
@@ -106,7 +106,7 @@ class ModelRunner:
         hidden = self.model(fb.input_ids, fb.positions, fb, self.pool.kv)
         logits = self.model.compute_logits(hidden.index_select(0, fb.logits_rows))
         sample_rows, r = [], 0
-        for it, (_, n_in) in zip(items, input_rows):
+        for it, (_, n_in, _) in zip(items, input_rows):
             r += n_in
             if it.samples:
                 sample_rows.append(r)
@@ -115,12 +115,12 @@ class ModelRunner:
                 sample_rows.append(-1)
         return StepLogits(logits, sample_rows, input_rows), items
 
-    def _prepare(self, items: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
+    def _prepare(self, items: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int, int]]]:
         ps = self.pool.page_size
         ids: list[int] = []
         pos: list[int] = []
         q_lens, q_starts, seq_lens, tables, logits_rows = [], [], [], [], []
-        input_rows: list[tuple[int, int]] = []
+        input_rows: list[tuple[int, int, int]] = []
         n_logits = 0
         for it in items:
             seq, start, n = it.seq, it.start, it.num_tokens
@@ -133,7 +133,7 @@ class ModelRunner:
             # prompt positions whose logits score the next prompt token (input logprobs)
             lo, hi = _input_logprob_positions(it)
             rows = [q_starts[-1] + p - start for p in range(lo, hi)]
-            input_rows.append((n_logits, len(rows)))
+            input_rows.append((n_logits, len(rows), lo))
             logits_rows.extend(rows)
             n_logits += len(rows)
             if it.samples:
