@@ -38,16 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Engine(args.model, dtype=args.dtype, device=args.device) as llm:
             tok = llm.tokenizer
+            input_ids = None
             if not args.raw and tok is not None and tok.chat_template:
                 messages = ([{"role": "system", "content": args.system}] if args.system else [])
-                prompt = tok.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+                input_ids = tok.apply_chat_template(messages + [{"role": "user", "content": prompt}], tokenize=True)
+                prompt = None
             params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                       "top_k": args.top_k, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
                       "seed": args.seed, "stop": args.stop}
             t0 = time.perf_counter()
             shown = ""
             last = None
-            for chunk in llm.generate(prompt, params, stream=True):
+            for chunk in llm.generate(prompt, params, input_ids=input_ids, stream=True):
                 text = chunk["text"]
                 sys.stdout.write(text[len(shown):])
                 sys.stdout.flush()

@@ -59,17 +59,26 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
-        """Render the model's chat template (jinja2, sandboxed, as transformers does)."""
-        if not self.chat_template:
+                            tokenize: bool = False, chat_template: str | None = None,
+                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str | list[int]:
+        """Render the model's chat template (jinja2, sandboxed, as transformers does).
+
+        With ``tokenize=True`` returns token ids: the rendered text already holds the template's
+        special tokens (BOS included), so it is encoded *without* adding special tokens again.
+        This is the one way every caller (CLI, notebook, server, ``Engine.chat``) turns messages
+        into a prompt.
+        """
+        template = chat_template or self.chat_template
+        if not template:
             raise ValueError("This model's tokenizer has no chat template; pass a plain prompt instead.")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+        text = env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 def _raise(message: str) -> None:
