@@ -1,45 +1,11 @@
-"""Helpers shared by the server tests: waiting on engine state, recording aborts, raw SSE reads."""
+"""Helpers shared by the server tests: raw SSE reads, Prometheus samples, and the API tests' waits."""
 
 from __future__ import annotations
 
 import json
-import time
-from contextlib import contextmanager
 
 import httpx
-
-
-def wait_until(pred, timeout: float = 10.0, interval: float = 0.02) -> bool:
-    """Poll ``pred`` (an event, not a timing check: the bound is generous for a busy 2-core machine)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
-
-
-def engine_idle(llm) -> bool:
-    info = llm.get_server_info()
-    return info["kv_pages_used"] == 0 and info["num_running_reqs"] == 0 and info["num_waiting_reqs"] == 0
-
-
-@contextmanager
-def recorded_aborts(llm):
-    """The rids the engine core is asked to abort while the block runs."""
-    core = llm._thread.core
-    seen: list = []
-    original = core.abort
-
-    def abort(rid, *args, **kwargs):
-        seen.append(rid)
-        return original(rid, *args, **kwargs)
-
-    core.abort = abort
-    try:
-        yield seen
-    finally:
-        del core.abort
+from test_api import is_idle as engine_idle, recorded_aborts, wait_until  # noqa: F401 - shared with the API tests
 
 
 def sse_events(response: httpx.Response) -> list:

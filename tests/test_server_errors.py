@@ -212,3 +212,15 @@ def test_missing_server_dependencies_name_the_extra():
             "try:\n    from nbengine.server import serve\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "fastapi" in out and 'pip install "nbengine[server]"' in out
+
+
+def test_engine_gone_is_503_and_unhealthy(tiny_llama):
+    engine = Engine(str(tiny_llama))
+    with serve(engine, port=0) as srv:
+        engine.shutdown()
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        with httpx.stream("POST", srv.url + "/generate", json={"text": "a", "stream": True}, timeout=30) as s:
+            assert s.status_code == 503
+        assert "nbengine_engine_up 0.0" in httpx.get(srv.url + "/metrics", timeout=30).text

@@ -53,7 +53,7 @@ def test_abandoned_stream_frees_its_pages(client, llm):
                 break
         assert llm.get_server_info()["kv_pages_used"] > 0
         stream.close()  # the client hangs up mid-stream
-        assert wait_until(lambda: engine_idle(llm))
+        assert wait_until(lambda: engine_idle(llm), timeout=30)
         assert len(aborted) == 1  # aborted, not run to its 900 tokens
 
 
@@ -61,7 +61,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(server, llm):
     with recorded_aborts(llm) as aborted:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
             httpx.post(server.url + "/v1/completions", json={"prompt": "a b", **LONG}, timeout=httpx.Timeout(60, read=1))
-        assert wait_until(lambda: engine_idle(llm) and len(aborted) == 1)
+        assert wait_until(lambda: engine_idle(llm) and len(aborted) == 1, timeout=30)
 
 
 def test_stop_with_open_streams_aborts_them_and_frees_the_port(llm):
@@ -72,7 +72,7 @@ def test_stop_with_open_streams_aborts_them_and_frees_the_port(llm):
             next(r.iter_lines())
             srv.stop()
         assert not srv.running
-        assert wait_until(lambda: engine_idle(llm) and len(aborted) == 1)
+        assert wait_until(lambda: engine_idle(llm) and len(aborted) == 1, timeout=30)
     port = int(srv.url.rsplit(":", 1)[1])
     again = serve(llm, port=port)  # the port is free again
     assert httpx.get(again.url + "/health").status_code == 200
@@ -145,5 +145,5 @@ def test_200_concurrent_streams_all_complete(server, llm):
     assert [r[0] for r in results] == expected  # nothing lost, nothing mixed up between streams
     assert all(r[1] == ["length"] and r[2].completion_tokens == max_tokens for r in results)
     assert httpx.get(server.url + "/health").status_code == 200
-    assert wait_until(lambda: engine_idle(llm))
+    assert wait_until(lambda: engine_idle(llm), timeout=30)
     assert metric(httpx.get(server.url + "/metrics").text, "nbengine_requests_in_flight") == 0

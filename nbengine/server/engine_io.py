@@ -53,6 +53,29 @@ class ServerContext:
         return text
 
 
+async def run_request(ctx: ServerContext, request: Request, names: dict[str, str], prompt_field: str,
+                      kwargs: dict[str, Any], stream_events: Any = None) -> tuple[Any, RequestTrack]:
+    """Run one request with its metrics track: the engine's result (cancelled if the client leaves first),
+    or with ``stream_events(engine_stream, track)`` an :class:`EventStream` of its events."""
+    track = ctx.metrics.track()
+    try:
+        if stream_events is not None:
+            stream = await start(ctx, names, prompt_field, stream=True, **kwargs)
+            return EventStream(stream_events(stream, track), track), track
+        return await until_disconnect(request, start(ctx, names, prompt_field, **kwargs)), track
+    except BaseException:
+        track.close()
+        raise
+
+
+def totals(outs: list[dict], n: int) -> tuple[int, int, list[str]]:
+    """Prompt tokens (each prompt once, though its n samples all report it), generated tokens, finish reasons
+    of finished outputs in prompt-major order."""
+    metas = [o["meta_info"] for o in outs]
+    return (sum(m["prompt_tokens"] for m in metas[::n]), sum(m["completion_tokens"] for m in metas),
+            [(m["finish_reason"] or {}).get("type", "unknown") for m in metas])
+
+
 async def start(ctx: ServerContext, names: dict[str, str], prompt_field: str, **kwargs: Any) -> Any:
     """``await llm.async_generate(**kwargs)``, with the engine's input errors as 400s naming the API field.
 

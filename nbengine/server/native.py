@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .engine_io import EventStream, ServerContext, start, until_disconnect
+from .engine_io import ServerContext, run_request, totals
 from .openai_common import as_list
 from .protocol import GenerateRequest
 
@@ -78,14 +78,6 @@ def _samples_per_prompt(sampling_params: dict | list[dict] | None) -> int:
     return n if isinstance(n, int) and n > 0 else 1
 
 
-def _totals(outs: list[dict], n: int) -> tuple[int, int, list[str]]:
-    """Prompt tokens (each prompt once, though its n samples all report it), generated tokens, finish reasons."""
-    outs = sorted(outs, key=lambda o: o.get("index", 0))
-    metas = [o["meta_info"] for o in outs]
-    return (sum(m["prompt_tokens"] for m in metas[::n]), sum(m["completion_tokens"] for m in metas),
-            [(m["finish_reason"] or {}).get("type", "unknown") for m in metas])
-
-
 @router.post("/generate")
 async def generate(req: GenerateRequest, request: Request) -> Response:
     ctx: ServerContext = request.app.state.ctx
@@ -96,25 +88,20 @@ async def generate(req: GenerateRequest, request: Request) -> Response:
                   top_logprobs_num=req.top_logprobs_num, return_hidden_states=req.return_hidden_states,
                   image_data=req.image_data, rid=req.rid)
     fill = ctx.llm.tokenizer is not None and req.return_text_in_logprobs
-    track = ctx.metrics.track()
-    try:
-        if req.stream:
-            stream = await start(ctx, {}, "text", stream=True, **kwargs)
-            return EventStream(_chunks(ctx, stream, track, fill, _samples_per_prompt(req.sampling_params)), track)
-        result = await until_disconnect(request, start(ctx, {}, "text", **kwargs))
-    except BaseException:
-        track.close()
-        raise
+    n = _samples_per_prompt(req.sampling_params)
+    if req.stream:
+        return (await run_request(ctx, request, {}, "text", kwargs, lambda s, t: _chunks(ctx, s, t, fill, n)))[0]
+    result, track = await run_request(ctx, request, {}, "text", kwargs)
     outs = as_list(result)
     if fill:
         outs = [_with_token_text(ctx, o) for o in outs]
-    track.finish(*_totals(outs, _samples_per_prompt(req.sampling_params)))
+    track.finish(*totals(outs, n))
     return JSONResponse(outs if isinstance(result, list) else outs[0])
 
 
 async def _chunks(ctx: ServerContext, stream: AsyncIterator[dict], track: Any, fill: bool,
                   n: int) -> AsyncIterator[dict]:
-    finals: list[dict] = []
+    finals: list[dict] = []  # prompt-major by their "index"
     async with aclosing(stream):
         async for out in stream:
             if out["meta_info"]["completion_tokens"]:
@@ -122,4 +109,4 @@ async def _chunks(ctx: ServerContext, stream: AsyncIterator[dict], track: Any, f
             if out["meta_info"]["finish_reason"] is not None:
                 finals.append(out)
             yield _with_token_text(ctx, out) if fill else out
-    track.finish(*_totals(finals, n))
+    track.finish(*totals(sorted(finals, key=lambda o: o.get("index", 0)), n))

@@ -10,11 +10,11 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .engine_io import EventStream, ServerContext, StreamDeltas, aborted, start, until_disconnect
+from .engine_io import ServerContext, run_request
 from .errors import APIError
 from .metrics import RequestTrack
-from .openai_common import (BASE_NAMES, as_list, check_stream_options, finish_reason, new_id, require_tokenizer,
-                            sampling_params, usage, visible_logprobs)
+from .openai_common import (BASE_NAMES, StreamUsage, as_list, check_stream_options, choice_deltas, chunk_maker,
+                            final_usage, finish_reason, new_id, require_tokenizer, sampling_params, visible_logprobs)
 from .protocol import ChatCompletionRequest, ChatMessage
 
 logger = logging.getLogger("nbengine.server")
@@ -86,71 +86,36 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
         logger.info("%s prompt: %r", rid, [m.model_dump(exclude_none=True) for m in req.messages])
     kwargs = dict(input_ids=ids, sampling_params=sampling_params(req, max_tokens), return_logprob=req.logprobs,
                   top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else None)
-    track = ctx.metrics.track()
-    try:
-        if req.stream:
-            stream = await start(ctx, names, "messages", stream=True, **kwargs)
-            return EventStream(_chunks(ctx, req, rid, stream, track, include_usage), track)
-        outs = as_list(await until_disconnect(request, start(ctx, names, "messages", **kwargs)))
-    except BaseException:
-        track.close()
-        raise
+    if req.stream:
+        events = lambda stream, track: _chunks(ctx, req, rid, stream, track, include_usage)  # noqa: E731
+        return (await run_request(ctx, request, names, "messages", kwargs, events))[0]
+    result, track = await run_request(ctx, request, names, "messages", kwargs)
+    outs = as_list(result)
+    usage_ = final_usage(outs, req.n, track)
     choices = []
     for i, out in enumerate(outs):
         meta = out["meta_info"]
-        if meta["finish_reason"]["type"] == "abort":
-            track.close()
-            raise aborted(meta["finish_reason"])
         lp = None
         if req.logprobs:
             lp = _logprobs(ctx, *visible_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs", []),
                                                   meta["finish_reason"]))
         choices.append({"index": i, "message": {"role": "assistant", "content": out["text"]}, "logprobs": lp,
                         "finish_reason": finish_reason(meta["finish_reason"])})
-    prompt_tokens = outs[0]["meta_info"]["prompt_tokens"]
-    completion_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    track.finish(prompt_tokens, completion_tokens, [o["meta_info"]["finish_reason"]["type"] for o in outs])
     return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
-                         "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
-                         "system_fingerprint": None})
+                         "choices": choices, "usage": usage_, "system_fingerprint": None})
 
 
 async def _chunks(ctx: ServerContext, req: ChatCompletionRequest, rid: str, stream: AsyncIterator[dict],
                   track: RequestTrack, include_usage: bool) -> AsyncIterator[dict]:
-    created = int(time.time())
-
-    def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
-        c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
-             "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            c["usage"] = usage_
-        return c
-
-    deltas = StreamDeltas(ctx.incremental)
-    prompt_tokens = 0
-    completion: dict[int, int] = {}
-    reasons: list[str] = []
-    async with aclosing(stream):
-        for i in range(req.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for out in stream:
-            d = deltas(out)
-            if d.finish_reason is not None and d.finish_reason["type"] == "abort":
-                raise aborted(d.finish_reason)
-            if d.meta["completion_tokens"]:
-                track.first_token()
-            lps, tops = visible_logprobs(d.token_logprobs, d.top_logprobs, d.finish_reason)
-            if not (d.text or lps or d.finish_reason):
-                continue
+    chunk = chunk_maker(rid, "chat.completion.chunk", ctx.model_name, include_usage)
+    for i in range(req.n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    counts = StreamUsage(req.n)
+    async with aclosing(choice_deltas(ctx, stream, track, counts)) as deltas:
+        async for d, lps, tops in deltas:
             yield chunk([{"index": d.index, "delta": {"content": d.text} if d.text else {},
                           "logprobs": _logprobs(ctx, lps, tops) if req.logprobs else None,
                           "finish_reason": finish_reason(d.finish_reason)}])
-            if d.finish_reason is not None:
-                prompt_tokens = d.meta["prompt_tokens"]
-                completion[d.index] = d.meta["completion_tokens"]
-                reasons.append(d.finish_reason["type"])
-    total = sum(completion.values())
-    track.finish(prompt_tokens, total, reasons)
     if include_usage:
-        yield chunk([], usage(prompt_tokens, total))
+        yield chunk([], counts.usage())

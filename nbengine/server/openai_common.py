@@ -4,11 +4,14 @@ finish reasons, response ids."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from typing import Any
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Callable
 
-from .engine_io import ServerContext
+from .engine_io import Delta, ServerContext, StreamDeltas, aborted, totals
 from .errors import APIError
+from .metrics import RequestTrack
 from .protocol import _OpenAIRequest
 
 # engine names -> OpenAI names, for error messages (max_new_tokens is set per endpoint)
@@ -93,3 +96,66 @@ def visible_logprobs(lps: list[tuple], tops: list[Any], reason: dict[str, Any] |
 
 def as_list(out: dict | list[dict]) -> list[dict]:
     return out if isinstance(out, list) else [out]
+
+
+def final_usage(outs: list[dict], n: int, track: RequestTrack) -> dict[str, int]:
+    """Usage of a finished non-streamed request (prompt-major outputs, n per prompt); records it."""
+    for out in outs:
+        if out["meta_info"]["finish_reason"]["type"] == "abort":
+            track.close()
+            raise aborted(out["meta_info"]["finish_reason"])
+    prompt_tokens, completion_tokens, reasons = totals(outs, n)
+    track.finish(prompt_tokens, completion_tokens, reasons)
+    return usage(prompt_tokens, completion_tokens)
+
+
+def chunk_maker(rid: str, obj: str, model: str, include_usage: bool) -> Callable[..., dict]:
+    """Builds the stream chunks of one response (``usage`` is null but in the last one with include_usage)."""
+    created = int(time.time())
+
+    def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
+        c = {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None,
+             "choices": choices}
+        if include_usage:
+            c["usage"] = usage_
+        return c
+
+    return chunk
+
+
+class StreamUsage:
+    """Token counts of a stream, gathered from each choice's final chunk."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.prompt: dict[int, int] = {}
+        self.completion: dict[int, int] = {}
+        self.reasons: list[str] = []
+
+    def add(self, d: Delta) -> None:
+        self.prompt[d.index // self.n] = d.meta["prompt_tokens"]
+        self.completion[d.index] = d.meta["completion_tokens"]
+        self.reasons.append(d.finish_reason["type"])
+
+    def usage(self) -> dict[str, int]:
+        return usage(sum(self.prompt.values()), sum(self.completion.values()))
+
+
+async def choice_deltas(ctx: ServerContext, stream: AsyncIterator[dict], track: RequestTrack,
+                        counts: StreamUsage) -> AsyncIterator[tuple[Delta, list, list]]:
+    """The engine stream as (delta, visible token logprobs, their top logprobs), skipping chunks that add
+    nothing; an aborted request raises; the finished request is recorded in ``track`` and ``counts``."""
+    deltas = StreamDeltas(ctx.incremental)
+    async with aclosing(stream):
+        async for out in stream:
+            d = deltas(out)
+            if d.finish_reason is not None and d.finish_reason["type"] == "abort":
+                raise aborted(d.finish_reason)
+            if d.meta["completion_tokens"]:
+                track.first_token()
+            lps, tops = visible_logprobs(d.token_logprobs, d.top_logprobs, d.finish_reason)
+            if d.finish_reason is not None:
+                counts.add(d)
+            if d.text or lps or d.finish_reason:
+                yield d, lps, tops
+    track.finish(sum(counts.prompt.values()), sum(counts.completion.values()), counts.reasons)

@@ -10,11 +10,11 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .engine_io import EventStream, ServerContext, StreamDeltas, aborted, start, until_disconnect
+from .engine_io import ServerContext, run_request
 from .errors import APIError
 from .metrics import RequestTrack
-from .openai_common import (BASE_NAMES, as_list, check_stream_options, finish_reason, new_id, require_tokenizer,
-                            sampling_params, usage, visible_logprobs)
+from .openai_common import (BASE_NAMES, StreamUsage, as_list, check_stream_options, choice_deltas, chunk_maker,
+                            final_usage, finish_reason, new_id, require_tokenizer, sampling_params, visible_logprobs)
 from .protocol import CompletionRequest
 
 logger = logging.getLogger("nbengine.server")
@@ -81,22 +81,16 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     want_lp = req.logprobs is not None
     kwargs = dict(prompt, sampling_params=sampling_params(req, req.max_tokens), return_logprob=want_lp,
                   top_logprobs_num=req.logprobs if want_lp else None)
-    track = ctx.metrics.track()
-    try:
-        if req.stream:
-            stream = await start(ctx, _NAMES, "prompt", stream=True, **kwargs)
-            return EventStream(_chunks(ctx, req, rid, stream, track, include_usage), track)
-        outs = as_list(await until_disconnect(request, start(ctx, _NAMES, "prompt", **kwargs)))
-    except BaseException:
-        track.close()
-        raise
+    if req.stream:
+        events = lambda stream, track: _chunks(ctx, req, rid, stream, track, include_usage)  # noqa: E731
+        return (await run_request(ctx, request, _NAMES, "prompt", kwargs, events))[0]
+    result, track = await run_request(ctx, request, _NAMES, "prompt", kwargs)
+    outs = as_list(result)
+    usage_ = final_usage(outs, req.n, track)
     offsets = _Offsets()
     choices = []
     for i, out in enumerate(outs):
         meta = out["meta_info"]
-        if meta["finish_reason"]["type"] == "abort":
-            track.close()
-            raise aborted(meta["finish_reason"])
         lp = None
         if want_lp:
             lps, tops = visible_logprobs(meta["output_token_logprobs"], meta.get("output_top_logprobs", []),
@@ -104,48 +98,19 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
             lp = offsets.logprobs(ctx, i, lps, tops, req.logprobs)
         choices.append({"index": i, "text": out["text"], "logprobs": lp,
                         "finish_reason": finish_reason(meta["finish_reason"])})
-    prompt_tokens = sum(outs[p * req.n]["meta_info"]["prompt_tokens"] for p in range(num_prompts))
-    completion_tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    track.finish(prompt_tokens, completion_tokens, [o["meta_info"]["finish_reason"]["type"] for o in outs])
     return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
-                         "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
-                         "system_fingerprint": None})
+                         "choices": choices, "usage": usage_, "system_fingerprint": None})
 
 
 async def _chunks(ctx: ServerContext, req: CompletionRequest, rid: str, stream: AsyncIterator[dict],
                   track: RequestTrack, include_usage: bool) -> AsyncIterator[dict]:
-    created = int(time.time())
-
-    def chunk(choices: list[dict], usage_: dict | None = None) -> dict:
-        c = {"id": rid, "object": "text_completion", "created": created, "model": ctx.model_name,
-             "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            c["usage"] = usage_
-        return c
-
-    deltas = StreamDeltas(ctx.incremental)
+    chunk = chunk_maker(rid, "text_completion", ctx.model_name, include_usage)
     offsets = _Offsets()
-    prompt_tokens: dict[int, int] = {}
-    completion: dict[int, int] = {}
-    reasons: list[str] = []
-    async with aclosing(stream):
-        async for out in stream:
-            d = deltas(out)
-            if d.finish_reason is not None and d.finish_reason["type"] == "abort":
-                raise aborted(d.finish_reason)
-            if d.meta["completion_tokens"]:
-                track.first_token()
-            lps, tops = visible_logprobs(d.token_logprobs, d.top_logprobs, d.finish_reason)
-            if not (d.text or lps or d.finish_reason):
-                continue
+    counts = StreamUsage(req.n)
+    async with aclosing(choice_deltas(ctx, stream, track, counts)) as deltas:
+        async for d, lps, tops in deltas:
             lp = offsets.logprobs(ctx, d.index, lps, tops, req.logprobs) if req.logprobs is not None else None
             yield chunk([{"index": d.index, "text": d.text, "logprobs": lp,
                           "finish_reason": finish_reason(d.finish_reason)}])
-            if d.finish_reason is not None:
-                prompt_tokens[d.index // req.n] = d.meta["prompt_tokens"]
-                completion[d.index] = d.meta["completion_tokens"]
-                reasons.append(d.finish_reason["type"])
-    p, c = sum(prompt_tokens.values()), sum(completion.values())
-    track.finish(p, c, reasons)
     if include_usage:
-        yield chunk([], usage(p, c))
+        yield chunk([], counts.usage())
