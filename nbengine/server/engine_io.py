@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..errors import NBEngineError
 from .errors import APIError, ClientDisconnected, error_body, from_engine_error
 from .metrics import RequestTrack, ServerMetrics
 from .settings import ServerSettings
@@ -147,12 +148,14 @@ class StreamDeltas:
         return Delta(i, text, lps, tops, meta["finish_reason"], meta)
 
 
-def engine_failure(exc: BaseException) -> APIError:
+def engine_failure(exc: Exception) -> APIError:
     """An error raised by the engine while a request was running (it died or was shut down)."""
     if isinstance(exc, APIError):
         return exc
     logger.error("request failed while running: %s: %s", type(exc).__name__, exc)
-    return from_engine_error(exc, {}, "prompt") if isinstance(exc, Exception) else APIError("Internal error.", 500)
+    if isinstance(exc, NBEngineError):
+        return from_engine_error(exc, {}, "prompt")
+    return APIError("Internal server error.", status=500)
 
 
 def aborted(reason: dict[str, Any]) -> APIError:

@@ -53,7 +53,7 @@ def error_bytes(message: str, status: int, param: str | None = None, code: str |
 
 
 # ------------------------------------------------------------------ engine errors
-# engine field -> (API field, whether the engine's message should be reworded with the API name)
+# request fields an engine error message starts with ("top_k must be -1 (disable) or at least 1, got 0.")
 ENGINE_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty",
                  "presence_penalty", "repetition_penalty", "n", "seed", "stop", "stop_token_ids", "logit_bias",
                  "top_logprobs_num", "logprob_start_len", "stream_interval", "ignore_eos", "skip_special_tokens",
