@@ -1,4 +1,5 @@
-"""The ``nbengine`` command: ``nbengine generate "prompt"`` streams a completion to the terminal."""
+"""The ``nbengine`` command: ``nbengine generate "prompt"`` streams a completion to the terminal;
+``nbengine serve`` serves a model over HTTP (see ``nbengine.server``)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="auto")
     g.add_argument("--stats", action="store_true", help="print token counts and speed to stderr at the end")
+    from .server.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from .server.cli import run_serve
+
+        return run_serve(args)
     from .engine import Engine
     from .errors import NBEngineError
 

@@ -6,6 +6,7 @@ Avoids importing transformers on the engine's start path (it costs seconds); fol
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -71,14 +72,20 @@ class Tokenizer:
         template = chat_template or self.chat_template
         if not template:
             raise ValueError("This model's tokenizer has no chat template; pass a plain prompt instead.")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise
-        text = env.from_string(template).render(
+        text = _compiled(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> Any:
+    """The template compiled once (compiling costs ~100x rendering; a server renders per request)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise
+    return env.from_string(template)
 
 
 def _raise(message: str) -> None:
