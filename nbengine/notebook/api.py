@@ -30,18 +30,24 @@ def _labels(prompts: list[str], n: int) -> list[str]:
     return [f"{i + 1}" + (f".{j + 1}" if n > 1 else "") + f": {short(p)}" for i, p in enumerate(prompts) for j in range(n)]
 
 
-def run_live(llm: Any, prompts: list[str], params: dict, *, chat: bool | None = None, system: str | None = None,
-             fmt: str = "markdown", ui: str = "auto", extra_meta: dict | None = None, trace: bool = False,
-             messages_ids: list[int] | None = None) -> LiveRun:
-    """Stream ``prompts`` through ``llm`` into a live view; returns the finished :class:`LiveRun`.
+def with_seed(params: dict) -> dict:
+    """A random seed for sampled runs that have none, recorded in the metadata so the output can be reproduced."""
+    params = dict(params)
+    if params.get("seed") is None and params.get("temperature", 1.0) != 0:
+        params["seed"] = random.randrange(2**31)
+    return params
 
-    ``messages_ids`` (already templated chat ids) replaces ``prompts`` for ``%%chat``.
+
+def prepare_run(llm: Any, prompts: list[str], params: dict, *, chat: bool | None = None, system: str | None = None,
+                fmt: str = "markdown", ui: str = "auto", extra_meta: dict | None = None, trace: bool = False,
+                messages_ids: list[int] | None = None) -> LiveRun:
+    """Validate everything and build the :class:`LiveRun` (nothing shown yet; bad input raises here).
+
+    ``messages_ids`` (already templated chat ids) replaces ``prompts`` as model input for ``%%chat``.
     """
     if fmt not in render.FORMATS:
         raise ValueError(f"format must be one of {', '.join(render.FORMATS)}; got {fmt!r}.")
-    params = dict(params)
-    if params.get("seed") is None and params.get("temperature", 1.0) != 0:
-        params["seed"] = random.randrange(2**31)  # recorded in the metadata: the output can be reproduced
+    params = with_seed(params)
     if messages_ids is not None:
         texts, ids, used_chat = None, [messages_ids], True
     else:
@@ -50,11 +56,15 @@ def run_live(llm: Any, prompts: list[str], params: dict, *, chat: bool | None = 
     model = model_label(llm)
     meta = {"chat_template": used_chat, **({"system": system} if system else {}), **(extra_meta or {})}
     view = make_view(fmt, model, params, ui, meta)
-    run = LiveRun(llm, view, prompts=texts, input_ids=ids, params=params, labels=_labels(prompts, n), trace=trace)
+    return LiveRun(llm, view, prompts=texts, input_ids=ids, params=params, labels=_labels(prompts, n), trace=trace)
+
+
+def execute(run: LiveRun) -> LiveRun:
+    """Run it live; on KeyboardInterrupt the exception carries the run (``nbengine_run``) for its partial text."""
     try:
         run.run()
     except KeyboardInterrupt as e:
-        e.nbengine_run = run  # callers keep the partial outputs
+        e.nbengine_run = run
         raise
     return run
 
@@ -73,6 +83,6 @@ def stream(llm: Any, prompt: str | list[str], sampling_params: dict | None = Non
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     p = {**(sampling_params or {}), **params}
-    run = run_live(llm, prompts, p, chat=chat, system=system, fmt=format, ui=ui)
+    run = execute(prepare_run(llm, prompts, p, chat=chat, system=system, fmt=format, ui=ui))
     outs = run.outputs()
     return outs[0] if run.single else outs

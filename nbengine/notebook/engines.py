@@ -38,9 +38,12 @@ class EngineRegistry:
         return model, self.load(model, model)
 
     def _alive(self, name: str) -> Any:
+        from ..errors import EngineDeadError, EngineShutdownError
+
         llm = self.engines[name]
-        thread = getattr(llm, "_thread", None)
-        if thread is not None and not thread.alive():  # shut down from code: start it again
+        try:
+            llm.get_server_info()
+        except (EngineShutdownError, EngineDeadError):  # shut down from code, or died: start it again
             del self.engines[name]
             return self.load(self.models.get(name), name)
         return llm
@@ -63,7 +66,9 @@ class EngineRegistry:
         except BaseException:
             _update(handle, update_display, f"Could not load {label}.")
             raise
-        _update(handle, update_display, f"Loaded {label} as {name!r} in {time.perf_counter() - t0:.1f}s: {llm!r}")
+        info = llm.get_server_info()
+        _update(handle, update_display, f"Loaded {label} as engine {name!r} ({info['device']}, {info['dtype']}) "
+                                        f"in {time.perf_counter() - t0:.1f} s")
         self.engines[name] = llm
         self.models[name] = model
         return llm

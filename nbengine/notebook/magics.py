@@ -12,7 +12,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Float, Int, Unicode
 
 from . import render
-from .api import model_label, run_live
+from .api import execute, model_label, prepare_run, with_seed
 from .chat import ChatSession
 from .engines import EngineRegistry, parse_engine_args
 from .prompting import build_inputs, clean_prompt, interpolate, prompt_list
@@ -78,6 +78,12 @@ class NBEngineMagics(Magics):
             return text, None
         return interpolate(text, self.shell.user_ns), prompt_list(text, self.shell.user_ns)
 
+    def _prepared(self, llm: Any, prompts: list[str], params: dict, **kw: Any) -> Any:
+        try:
+            return prepare_run(llm, prompts, params, ui=self.ui, **kw)
+        except (ValueError, TypeError) as e:  # bad options or prompt: a one-line error, nothing enqueued
+            raise UsageError(str(e)) from None
+
     def _store(self, var: str | None, value: Any) -> None:
         if var:
             if not var.isidentifier():
@@ -102,23 +108,18 @@ class NBEngineMagics(Magics):
         if args.format == "code" and (len(prompts) > 1 or args.n > 1):
             raise UsageError("--format code inserts one cell: use it with one prompt and -n 1.")
         name, llm = self._engine(args.model)
-        try:
-            if args.no_stream:
-                outs, single = self._generate_quietly(llm, prompts, params, args)
-            else:
-                try:
-                    run = run_live(llm, prompts, params, chat=args.chat, system=args.system, fmt=args.format,
-                                   ui=self.ui)
-                except KeyboardInterrupt as e:  # the partial text is shown (marked stopped) and kept in -o
-                    run = getattr(e, "nbengine_run", None)
-                    if run is not None:
-                        self._store(args.out, run.outputs()[0] if run.single else run.outputs())
-                    raise
-                outs, single = run.outputs(), run.single
-                if run.stats().get("tok_per_s"):
-                    self.registry.last_tok_per_s[name] = run.stats()["tok_per_s"]
-        except (ValueError, TypeError) as e:
-            raise UsageError(str(e)) from None
+        if args.no_stream:
+            outs, single = self._generate_quietly(llm, prompts, params, args)
+        else:
+            run = self._prepared(llm, prompts, params, chat=args.chat, system=args.system, fmt=args.format)
+            try:
+                execute(run)
+            except KeyboardInterrupt:  # the partial text is shown (marked stopped) and kept in -o
+                self._store(args.out, run.outputs()[0] if run.single else run.outputs())
+                raise
+            outs, single = run.outputs(), run.single
+            if run.stats().get("tok_per_s"):
+                self.registry.last_tok_per_s[name] = run.stats()["tok_per_s"]
         self._store(args.out, outs[0] if single else outs)
         if args.format == "code" and not render.was_stopped(outs[0]):
             self.shell.set_next_input(render.strip_fences(outs[0]["text"]), replace=False)
@@ -126,11 +127,15 @@ class NBEngineMagics(Magics):
     def _generate_quietly(self, llm: Any, prompts: list[str], params: dict, args: Any) -> tuple[list[dict], bool]:
         from IPython.display import display
 
-        texts, ids, used_chat = build_inputs(llm, prompts, args.chat, args.system)
+        params = with_seed(params)
         single = len(prompts) == 1 and params.get("n", 1) == 1
         t0 = time.perf_counter()
-        res = llm.generate(texts[0] if single and texts else texts, params,
-                           input_ids=(ids[0] if single else ids) if ids else None)
+        try:
+            texts, ids, used_chat = build_inputs(llm, prompts, args.chat, args.system)
+            res = llm.generate(texts[0] if single and texts else texts, params,
+                               input_ids=(ids[0] if single else ids) if ids else None)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
         outs = [res] if single else res
         stats = {"elapsed_s": round(time.perf_counter() - t0, 4), "ttft_s": None, "tok_per_s": None}
         for out in outs:
@@ -159,14 +164,14 @@ class NBEngineMagics(Magics):
             raise UsageError("This model has no chat template; use %%generate --raw instead of %%chat.")
         ids = tok.apply_chat_template(session.messages(message), tokenize=True)
         params = self._params(args)
+        run = self._prepared(llm, [message], params, fmt=args.format, messages_ids=ids,
+                             extra_meta={"session": args.session, "turn": len(session.turns) // 2 + 1})
         try:
-            run = run_live(llm, [message], params, fmt=args.format, ui=self.ui, messages_ids=ids,
-                           extra_meta={"session": args.session, "turn": len(session.turns) // 2 + 1})
+            execute(run)
         except KeyboardInterrupt:
-            session.add(message, "")  # the question stays; the cut answer is not sent back next turn
+            session.add(message, run.outputs()[0]["text"])  # what was shown stays in the conversation
+            self._store(args.out, run.outputs()[0])
             raise
-        except (ValueError, TypeError) as e:
-            raise UsageError(str(e)) from None
         out = run.outputs()[0]
         session.add(message, out["text"])
         self._store(args.out, out)

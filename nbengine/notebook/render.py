@@ -48,7 +48,7 @@ def bundle(out: dict, fmt: str) -> dict[str, Any]:
             return {"text/plain": f"{text}\n[{why}]"}
         return {"application/json": value if isinstance(value, (dict, list)) else {"value": value},
                 "text/plain": json.dumps(value, indent=2, ensure_ascii=False)}
-    md = text + (f"\n\n*⏹ {stopped_note(out)}*" if stopped else "")
+    md = text + (f"\n\n*[{stopped_note(out)}]*" if stopped else "")
     return {"text/markdown": md, "text/plain": text + (f"\n[{stopped_note(out)}]" if stopped else "")}
 
 
@@ -75,7 +75,7 @@ def metadata(out: dict, run_stats: dict, model: str, params: dict, extra: dict |
 def stats_line(stats: dict, model: str | None = None, final: bool = False) -> str:
     parts = []
     if final and stats.get("stopped"):
-        parts.append("⏹ stopped" if stats["stopped"] == "stop" else "⏹ interrupted")
+        parts.append("stopped" if stats["stopped"] == "stop" else "interrupted")
     elif not final:
         parts.append("generating")
     if stats["samples"] > 1:

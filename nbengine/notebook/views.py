@@ -15,10 +15,11 @@ from typing import Any
 from . import render
 
 
-def _display(bundle: dict, **kw: Any) -> Any:
+def _display(obj: Any, raw: bool = True) -> Any:
+    """Show a mime bundle (``raw``) or a displayable object; returns its handle for updates."""
     from IPython.display import display
 
-    return display(bundle, raw=True, display_id=True, **kw)
+    return display(obj, raw=raw, display_id=True)
 
 
 def _update(handle: Any, bundle: dict, **kw: Any) -> None:
@@ -77,7 +78,7 @@ class NotebookView:
                 parts.insert(1, self._bar)
             self._box = w.HBox(parts)
             self._box.add_class("nbengine-controls")
-            self._controls = _display(self._box)
+            self._controls = _display(self._box, raw=False)
             _route_clicks_to_their_subshell(self.button)
         else:
             self._controls = _display({"text/plain": line})
