@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import asyncio_patch
 from .asyncio_patch import apply_in_kernel
 
 _loaded: dict[int, Any] = {}  # id(shell) -> NBEngineMagics
@@ -20,13 +21,23 @@ def load_ipython_extension(ip: Any) -> None:
     from .magics import NBEngineMagics
     from .progress import batch_progress
 
-    apply_in_kernel()
     if id(ip) in _loaded:
         return
+    if not apply_in_kernel() and not asyncio_patch.decided():
+        _retry_at_first_cell(ip)  # loaded at kernel start (Binder's config), before the loop runs
     magics = NBEngineMagics(ip)
     ip.register_magics(magics)
     _loaded[id(ip)] = magics
     hooks.add_batch_observer(batch_progress)
+
+
+def _retry_at_first_cell(ip: Any) -> None:
+    def before_cell(*_: Any) -> None:
+        apply_in_kernel()
+        if asyncio_patch.decided():
+            ip.events.unregister("pre_run_cell", before_cell)
+
+    ip.events.register("pre_run_cell", before_cell)
 
 
 def unload_ipython_extension(ip: Any) -> None:

@@ -32,6 +32,11 @@ def in_kernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+def decided() -> bool:
+    """Whether the patch was applied or declined for good (outside a running kernel loop: not yet)."""
+    return _state["done"]
+
+
 def is_patched() -> bool:
     return _state["patched"]
 

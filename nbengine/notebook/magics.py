@@ -37,6 +37,23 @@ _SAMPLING_ARGS = [
 ]
 
 
+def _unquote(value: Any) -> Any:
+    """IPython's magic argument parser keeps the quotes of ``--system 'Be brief.'``; drop them."""
+    if isinstance(value, list):
+        return [_unquote(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _parse(func: Any, line: str) -> Any:
+    args = parse_argstring(func, line)
+    for key in ("model", "stop", "system", "out", "session"):
+        if hasattr(args, key):
+            setattr(args, key, _unquote(getattr(args, key)))
+    return args
+
+
 def _with(args: list) -> Any:
     def apply(func: Any) -> Any:
         for dec in reversed(args):
@@ -101,7 +118,7 @@ class NBEngineMagics(Magics):
     def generate(self, line: str, cell: str) -> None:
         """Generate from the cell's text, streamed live. A cell that is just ``{name}`` naming a list
         of strings is a batch (one pane per sample)."""
-        args = parse_argstring(self.generate, line)
+        args = _parse(self.generate, line)
         prompt, batch = self._prompt(cell, not args.no_interpolate)
         prompts = batch or [prompt]
         params = self._params(args)
@@ -153,7 +170,7 @@ class NBEngineMagics(Magics):
         ``%chat reset [--session NAME]`` forgets it, ``%chat history [--session NAME]`` shows it."""
         if cell is None:
             return self._chat_command(line)
-        args = parse_argstring(self.chat, line)
+        args = _parse(self.chat, line)
         message, _ = self._prompt(cell, not args.no_interpolate)
         session = self.chats.setdefault(args.session, ChatSession())
         if args.system is not None:

@@ -67,6 +67,9 @@ def metadata(out: dict, run_stats: dict, model: str, params: dict, extra: dict |
         "elapsed_s": run_stats.get("elapsed_s"),
         "tok_per_s": run_stats.get("tok_per_s"),
     }
+    if run_stats.get("stopped"):
+        md["stopped"] = run_stats["stopped"]  # "stop" (button) or "interrupt" (kernel interrupt)
+        md["stop_to_abort_s"] = run_stats.get("stop_to_abort_s")
     if extra:
         md.update(extra)
     return {"nbengine": md}
