@@ -51,6 +51,17 @@ def _route_clicks_to_their_subshell(widget: Any) -> None:
         comm._reply_subshell_for = lambda data, default: default
 
 
+def _close_tree(widget: Any) -> None:
+    """Close a widget with its children and their layout/style models (``close()`` alone leaves those open)."""
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    for part in ("layout", "style"):
+        sub = getattr(widget, part, None)
+        if sub is not None and hasattr(sub, "close"):
+            sub.close()
+    widget.close()
+
+
 class NotebookView:
     def __init__(self, fmt: str, model: str, params: dict, widgets: bool, extra_meta: dict | None = None) -> None:
         self.fmt = fmt
@@ -112,10 +123,7 @@ class NotebookView:
             _update(self.panes[i], b, metadata=render.metadata(out, stats, self.model, self.params, self.extra_meta))
         _update(self._controls, {"text/plain": render.stats_line(stats, self.model, final=True)})
         if self._box is not None:
-            self._box.close()
-            for w in (self.button, self._stats, self._bar):
-                if w is not None:
-                    w.close()
+            _close_tree(self._box)
 
 
 class TerminalView:
