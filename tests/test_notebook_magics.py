@@ -305,6 +305,10 @@ def test_bad_options_are_one_line_errors_and_the_engine_keeps_working(ip):
         ip.run_cell_magic("generate", "-m tiny -n 2 --format code", "Hi")
     with pytest.raises(UsageError, match="empty"):
         ip.run_cell_magic("generate", "-m tiny", "\n\n")
+    with pytest.raises(UsageError, match="-o needs a variable name"):
+        ip.run_cell_magic("generate", "-m tiny -o 1x", "Hi")
+    with pytest.raises(UsageError, match="not found"):
+        ip.run_cell_magic("generate", "-m ./no/such/model", "Hi")
     with capture_output():
         ip.run_cell_magic("generate", "-m tiny --raw --max-new-tokens 2 -o ok", "Hi")
     assert ip.user_ns["ok"]["meta_info"]["completion_tokens"] == 2

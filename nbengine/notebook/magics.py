@@ -51,6 +51,8 @@ def _parse(func: Any, line: str) -> Any:
     for key in ("model", "stop", "system", "out", "session"):
         if hasattr(args, key):
             setattr(args, key, _unquote(getattr(args, key)))
+    if args.out is not None and not args.out.isidentifier():
+        raise UsageError(f"-o needs a variable name, got {args.out!r}.")
     return args
 
 
@@ -85,7 +87,12 @@ class NBEngineMagics(Magics):
         return {k: v for k, v in p.items() if v is not None}
 
     def _engine(self, model: str | None) -> tuple[str, Any]:
-        return self.registry.get(model, self.shell.user_ns)
+        from ..errors import ModelNotFoundError, UnsupportedModelError
+
+        try:
+            return self.registry.get(model, self.shell.user_ns)
+        except (ModelNotFoundError, UnsupportedModelError) as e:  # a wrong -m: say so in one line
+            raise UsageError(str(e)) from None
 
     def _prompt(self, cell: str, interpolate_on: bool) -> tuple[str, list[str] | None]:
         text = clean_prompt(cell)
@@ -103,8 +110,6 @@ class NBEngineMagics(Magics):
 
     def _store(self, var: str | None, value: Any) -> None:
         if var:
-            if not var.isidentifier():
-                raise UsageError(f"-o needs a variable name, got {var!r}.")
             self.shell.user_ns[var] = value
 
     # ---------------------------------------------------------- %%generate
