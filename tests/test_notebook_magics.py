@@ -296,19 +296,20 @@ def test_format_code_inserts_a_cell_and_other_formats_render(ip, monkeypatch):
     assert render.bundle(ok, "text") == {"text/plain": ok["text"]}
 
 
+BAD_CELLS = [  # (options, cell, what the one-line error says)
+    ("-m tiny --temperature -2", "Hi", "temperature"),
+    ("-m tiny --raw --system 'Be brief.'", "Hi", "--system needs the chat template"),
+    ("-m tiny -n 2 --format code", "Hi", "one prompt and -n 1"),
+    ("-m tiny", "\n\n", "empty"),
+    ("-m tiny -o 1x", "Hi", "-o needs a variable name"),
+    ("-m ./no/such/model", "Hi", "not found"),
+]
+
+
 def test_bad_options_are_one_line_errors_and_the_engine_keeps_working(ip):
-    with pytest.raises(UsageError, match="temperature"):
-        ip.run_cell_magic("generate", "-m tiny --temperature -2", "Hi")
-    with pytest.raises(UsageError, match="--system needs the chat template"):
-        ip.run_cell_magic("generate", "-m tiny --raw --system 'Be brief.'", "Hi")
-    with pytest.raises(UsageError, match="one prompt and -n 1"):
-        ip.run_cell_magic("generate", "-m tiny -n 2 --format code", "Hi")
-    with pytest.raises(UsageError, match="empty"):
-        ip.run_cell_magic("generate", "-m tiny", "\n\n")
-    with pytest.raises(UsageError, match="-o needs a variable name"):
-        ip.run_cell_magic("generate", "-m tiny -o 1x", "Hi")
-    with pytest.raises(UsageError, match="not found"):
-        ip.run_cell_magic("generate", "-m ./no/such/model", "Hi")
+    for options, cell, message in BAD_CELLS:
+        with pytest.raises(UsageError, match=message):
+            ip.run_cell_magic("generate", options, cell)
     with capture_output():
         ip.run_cell_magic("generate", "-m tiny --raw --max-new-tokens 2 -o ok", "Hi")
     assert ip.user_ns["ok"]["meta_info"]["completion_tokens"] == 2
