@@ -9,6 +9,7 @@ import time
 import weakref
 from typing import Any, AsyncIterator, Iterator
 
+from . import hooks
 from .config import EngineConfig, check_architecture
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
@@ -66,13 +67,19 @@ class Engine:
         q: queue.Queue = queue.Queue()
         rids = self._submit(specs, single, stream=False, emit=lambda i: lambda out: q.put((i, out)))
         results: list[dict | None] = [None] * len(specs)
+        progress = hooks.batch_started(len(specs)) if not single else None
         try:
             for _ in range(len(specs)):
                 i, out = self._get_sync(q)
                 results[i] = out
+                if progress is not None:
+                    progress.advance(1)
         except BaseException:
             self._abort_many(rids)
             raise
+        finally:
+            if progress is not None:
+                progress.close()
         return results[0] if single else results
 
     async def async_generate(self, prompt: str | list[str] | None = None,
@@ -92,13 +99,19 @@ class Engine:
         q: asyncio.Queue = asyncio.Queue()
         rids = self._submit(specs, single, stream=False, emit=_async_emit(loop, q))
         results: list[dict | None] = [None] * len(specs)
+        progress = hooks.batch_started(len(specs)) if not single else None
         try:
             for _ in range(len(specs)):
                 i, out = await self._get_async(q)
                 results[i] = out
+                if progress is not None:
+                    progress.advance(1)
         except BaseException:  # includes cancellation of the awaiting task
             self._abort_many(rids)
             raise
+        finally:
+            if progress is not None:
+                progress.close()
         return results[0] if single else results
 
     def _sync_stream(self, specs: list[RequestSpec], single: bool) -> Iterator[dict]:

@@ -1,0 +1,67 @@
+"""nbengine's notebook layer: ``%load_ext nbengine`` magics, live streaming views, progress bars.
+
+Built on the public ``Engine`` API only. Importing this package is cheap and has no side effect
+beyond the guarded nest-asyncio patch inside a running kernel; magics are registered only by
+``load_ipython_extension``. Works without ipywidgets (plain display then).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import asyncio_patch
+from .asyncio_patch import apply_in_kernel
+
+_loaded: dict[int, Any] = {}  # id(shell) -> NBEngineMagics
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """Register ``%%generate``, ``%%chat``, ``%nbengine`` and the batch progress bar."""
+    from .. import hooks
+    from .magics import NBEngineMagics
+    from .progress import batch_progress
+
+    if id(ip) in _loaded:
+        return
+    if not apply_in_kernel() and not asyncio_patch.decided():
+        _retry_at_first_cell(ip)  # loaded at kernel start (Binder's config), before the loop runs
+    magics = NBEngineMagics(ip)
+    ip.register_magics(magics)
+    _loaded[id(ip)] = magics
+    hooks.add_batch_observer(batch_progress)
+
+
+def _retry_at_first_cell(ip: Any) -> None:
+    def before_cell(*_: Any) -> None:
+        apply_in_kernel()
+        if asyncio_patch.decided():
+            ip.events.unregister("pre_run_cell", before_cell)
+
+    ip.events.register("pre_run_cell", before_cell)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    """Remove the magics and the progress bar, and shut down the engines the magics started."""
+    from .. import hooks
+    from .progress import batch_progress
+
+    magics = _loaded.pop(id(ip), None)
+    if magics is None:
+        return
+    for kind, names in magics.magics.items():
+        for name in names:
+            ip.magics_manager.magics[kind].pop(name, None)
+    ip.magics_manager.registry.pop(type(magics).__name__, None)
+    magics.registry.shutdown_all()
+    if not _loaded:
+        hooks.remove_batch_observer(batch_progress)
+
+
+def stream(llm: Any, prompt: str | list[str], sampling_params: dict | None = None, **kwargs: Any) -> dict | list[dict]:
+    """Generate with the live view and return the output dict(s); see :func:`nbengine.notebook.api.stream`."""
+    from .api import stream as _stream
+
+    return _stream(llm, prompt, sampling_params, **kwargs)
+
+
+__all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel"]
