@@ -16,6 +16,7 @@ from .kv_cache import KVPool
 from .layers.cpu_threads import omp_team
 from .loader.hf import iter_weights
 from .models import get_model_class
+from .quantization import layer_chooser, resolve_quantization
 from .scheduler import ScheduledSeq
 
 logger = logging.getLogger("nbengine")
@@ -64,8 +65,28 @@ class ModelRunner:
             self.model = cls(mc, self.device).to(self.dtype)
         self.model.load_weights((n, w) for n, w in iter_weights(model_dir))
         self.model.eval()
-        logger.info("loaded %s in %.2fs on %s (%s)", mc.architecture, time.perf_counter() - t0, self.device, self.dtype)
+        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
+        if self.quantization:
+            self._quantize(model_dir)
+        logger.info("loaded %s in %.2fs on %s (%s, quantization %s)", mc.architecture, time.perf_counter() - t0,
+                    self.device, self.dtype, self.quantization)
         self.pool = self._make_pool()
+
+    def _quantize(self, model_dir: Path) -> None:
+        """Swap the linear layers for block-quantized ones (from the disk cache when it has them)."""
+        import numba
+
+        from .layers.quant_linear import quantize_linears
+        from .loader import quant_cache
+
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # this thread only
+        path = quant_cache.cache_path(model_dir, self.quantization)
+        stored = quant_cache.load(path)
+        choose = layer_chooser(self.quantization, model_dir, self.model_config.tie_word_embeddings)
+        counts, layers = quantize_linears(self.model, choose, stored)
+        if any(name not in stored for name in layers):
+            quant_cache.save(path, layers)
+        logger.info("quantized linear layers: %s", counts)
 
     # ------------------------------------------------------------------ KV pool
     def _make_pool(self) -> KVPool:
