@@ -76,16 +76,20 @@ class ModelRunner:
         """Swap the linear layers for block-quantized ones (from the disk cache when it has them)."""
         import numba
 
+        from .layers.cpu_attention import CpuPagedAttention
         from .layers.quant_linear import quantize_linears
         from .loader import quant_cache
 
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))  # this thread only
+        numba.set_num_threads(min(omp_team.wide_threads, numba.config.NUMBA_NUM_THREADS))  # this thread only
+        omp_team.keep_narrow()  # numba's pool does the parallel work; torch's would fight it for the cores
         path = quant_cache.cache_path(model_dir, self.quantization)
         stored = quant_cache.load(path)
         choose = layer_chooser(self.quantization, model_dir, self.model_config.tie_word_embeddings)
         counts, layers = quantize_linears(self.model, choose, stored)
         if any(name not in stored for name in layers):
             quant_cache.save(path, layers)
+        mc = self.model_config
+        self.model.attn_backend = CpuPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim)
         logger.info("quantized linear layers: %s", counts)
 
     # ------------------------------------------------------------------ KV pool

@@ -169,26 +169,38 @@ _q4_tile4, _q4_tile1 = _make_tile(_Q4, TILE_ROWS, True), _make_tile(_Q4, 1, True
 _q8_tile4, _q8_tile1 = _make_tile(_Q8, TILE_ROWS, False), _make_tile(_Q8, 1, False)
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def quantize_rows(x, xq, xd, xs):
-    """Quantize float32 ``x[M, K]`` per row and block of 32 to int8 ``xq`` with scales ``xd``, sums ``xs``."""
-    m, k = x.shape
+@njit(fastmath=True, nogil=True, cache=True)
+def quantize_row(x, r, xq, xd, xs):
+    """Quantize float32 row ``x[r]`` per block of 32 to int8 ``xq`` with scales ``xd`` and sums ``xs``."""
+    k = x.shape[1]
     nb = k // QK
-    for r in prange(m):
-        for b in range(nb):
-            base = b * QK
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[r, base + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
-            total = 0
-            for j in range(QK):
-                q = np.int32(np.rint(x[r, base + j] * inv))
-                xq[r * k + base + j] = q
-                total += q
-            xd[r * nb + b] = d
-            xs[r * nb + b] = d * np.float32(total)
+    for b in range(nb):
+        base = b * QK
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[r, base + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+        total = 0
+        for j in range(QK):
+            q = np.int32(np.rint(x[r, base + j] * inv))
+            xq[r * k + base + j] = q
+            total += q
+        xd[r * nb + b] = d
+        xs[r * nb + b] = d * np.float32(total)
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def quantize_rows(x, xq, xd, xs):
+    """:func:`quantize_row` for every row of ``x[M, K]`` (one thread: cheaper than a parallel region)."""
+    for r in range(x.shape[0]):
+        quantize_row(x, r, xq, xd, xs)
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def quantize_rows_parallel(x, xq, xd, xs):
+    for r in prange(x.shape[0]):
+        quantize_row(x, r, xq, xd, xs)
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)

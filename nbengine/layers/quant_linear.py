@@ -21,6 +21,7 @@ logger = logging.getLogger("nbengine")
 
 QUANT_FORMATS = ("q8_0", "q4_1")
 QK = 32
+PARALLEL_QUANT_ROWS = 64  # activations of at least this many rows are quantized by all threads
 _ROWS_PER_CHUNK = 4096  # rows quantized at a time (bounds the temporaries for large LM heads)
 
 
@@ -92,7 +93,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t.contiguous(), persistent=False)
         self.bias = bias
         self._kernel = qk.matmul_q4_1 if fmt == "q4_1" else qk.matmul_q8_0
-        self._quantize = qk.quantize_rows
+        self._quantize, self._quantize_parallel = qk.quantize_rows, qk.quantize_rows_parallel
         self._np = {name: getattr(self, name).numpy() for name in tensors}
 
     @classmethod
@@ -110,7 +111,7 @@ class QuantLinear(nn.Module):
         xq = np.empty(m * k, dtype=np.int8)
         xd = np.empty(m * nb, dtype=np.float32)
         xs = np.empty(m * nb, dtype=np.float32)
-        self._quantize(x2.numpy(), xq, xd, xs)
+        (self._quantize_parallel if m >= PARALLEL_QUANT_ROWS else self._quantize)(x2.numpy(), xq, xd, xs)
         out = torch.empty(m, self.out_features)
         w = self._np
         if self.fmt == "q4_1":
