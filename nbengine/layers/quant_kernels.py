@@ -1,17 +1,15 @@
 """CPU kernels for block-quantized linear layers (numba; compiled once, cached on disk).
 
-Weights are stored in llama.cpp's block formats, one block per 32 input features of an output row:
+Weights use llama.cpp's block formats (one block per 32 inputs of an output row): ``q4_1``
+(``w = d * q + m``, ``q`` in 0..15) and ``q8_0`` (``w = d * q``, ``q`` int8), repacked for the
+kernels by ``quant_linear.pack_for_kernels`` into *column groups*: 8 output rows side by side,
+so each 32-byte vector holds 4 consecutive inputs of 8 outputs and a broadcast of 4 activation
+bytes multiplies all 8 at once (the layout VNNI kernels use). Scales are ``[N/8, K/32, 8]``.
 
-- ``q4_1``: ``qs[N, K/2]`` uint8 (byte ``j`` of a block holds feature ``j`` in its low nibble and
-  ``j + 16`` in its high nibble), scale ``d[N, K/32]`` and minimum ``m[N, K/32]`` (float32):
-  ``w = d * q + m``, ``q`` in 0..15.
-- ``q8_0``: ``qs[N, K]`` int8 and scale ``d[N, K/32]``: ``w = d * q``.
-
-Activations are quantized per row and block of 32 to int8 (``x = xd * xq``, ``xs = xd * sum(xq)``),
-so a block's dot product is one integer dot of 32 pairs: on AVX2 one ``vpmaddubsw`` + ``vpmaddwd``
-(llama.cpp's own scheme); elsewhere LLVM lowers a portable vector form. Scales are applied per
-block in float32. One weight row is unpacked once and multiplied with up to four activation rows.
-Threads: numba's ``prange`` over chunks of output rows.
+Activations are quantized per row and block of 32 to int8 (``x = xd * xq``, ``xs = xd * sum(xq)``).
+On AVX2 the products are ``vpmaddubsw`` (+ ``vpmaddwd``), llama.cpp's own instructions; elsewhere
+LLVM lowers a portable vector form of the same arithmetic. A tile is one column group against up
+to four activation rows; threads (numba ``prange``) take column groups.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ except Exception:  # noqa: BLE001 - feature probing is best effort; the portable
     AVX2 = False
 
 QK = 32  # features per block
-TILE_ROWS = 4  # activation rows that share one unpacked weight block
-CHUNK = 8  # output rows per parallel work item
+GROUP_CHUNK = 4  # column groups (of 8 outputs) per parallel work item: 4 rows x 32 outputs per inner tile sweep
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 _V = ir.VectorType
@@ -58,106 +55,133 @@ def _load(builder, base, offset, vt):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vt.as_pointer()), align=1)
 
 
-def _sum_pairs_portable(builder, a16, b16):
-    """``<32 x i16>`` a, b -> ``<8 x i32>`` lanes, each the sum of four products."""
-    p = builder.sext(builder.mul(a16, b16), _V(_I32, 32))
-    parts = [builder.shuffle_vector(p, p, ir.Constant(_V(_I32, 8), list(range(8 * k, 8 * k + 8)))) for k in range(4)]
-    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+def _maddubs(builder, u8, s8):
+    """``vpmaddubsw``: unsigned x signed bytes, adjacent products summed -> ``<16 x i16>``."""
+    if AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V(_I16, 16), [u8, s8])
+    p = builder.mul(builder.zext(u8, _V(_I16, 32)), builder.sext(s8, _V(_I16, 32)))
+    even = builder.shuffle_vector(p, p, ir.Constant(_V(_I32, 16), list(range(0, 32, 2))))
+    odd = builder.shuffle_vector(p, p, ir.Constant(_V(_I32, 16), list(range(1, 32, 2))))
+    return builder.add(even, odd)  # no saturation needed: our operands never reach it
 
 
-def _madd_avx2(builder, u8, s8):
-    p16 = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V(_I16, 16), [u8, s8])
-    return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_I32, 8), [p16, ir.Constant(_V(_I16, 16), [1] * 16)])
+def _madd_ones(builder, v16):
+    """``vpmaddwd`` with ones: adjacent i16 lanes summed -> ``<8 x i32>``."""
+    if AVX2:
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_I32, 8), [v16, ir.Constant(_V(_I16, 16), [1] * 16)])
+    w = builder.sext(v16, _V(_I32, 16))
+    even = builder.shuffle_vector(w, w, ir.Constant(_V(_I32, 8), list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(w, w, ir.Constant(_V(_I32, 8), list(range(1, 16, 2))))
+    return builder.add(even, odd)
+
+
+def _sign(builder, x, w):
+    """``vpsignb``: ``x`` negated where ``w < 0`` (and zeroed where ``w == 0``)."""
+    if AVX2:
+        return _call(builder, "llvm.x86.avx2.psign.b", _V(_I8, 32), [x, w])
+    zero = ir.Constant(_V(_I8, 32), [0] * 32)
+    neg = builder.select(builder.icmp_signed("<", w, zero), builder.neg(x), x)
+    return builder.select(builder.icmp_signed("==", w, zero), zero, neg)
+
+
+def _splat4(builder, base, offset):
+    """Four bytes at ``base[offset]`` repeated across 32 lanes (``vpbroadcastd``)."""
+    word = builder.load(builder.bitcast(builder.gep(base, [offset]), _I32.as_pointer()), align=1)
+    return builder.bitcast(_splat(builder, word, 8), _V(_I8, 32))
 
 
 class _Q4:
-    """Unpack a q4_1 block once; dot it with an int8 activation block."""
+    """q4_1 column groups: 128 bytes per block of 32 inputs x 8 outputs; each 32-byte vector holds
+    8 inputs of the 8 outputs (low nibbles: inputs 0-3, high nibbles: 4-7, 4 bytes per output)."""
 
-    block_bytes = 16
-
-    @staticmethod
-    def unpack(builder, wq, off):
-        wv = _load(builder, wq, off, _V(_I8, 16))
-        lo = builder.and_(wv, ir.Constant(_V(_I8, 16), [15] * 16))
-        hi = builder.lshr(wv, ir.Constant(_V(_I8, 16), [4] * 16))
-        w32 = builder.shuffle_vector(lo, hi, ir.Constant(_V(_I32, 32), list(range(32))))
-        return w32 if AVX2 else builder.zext(w32, _V(_I16, 32))
+    group_block_bytes = 128
+    has_min = True
 
     @staticmethod
-    def dot(builder, w, xv):
-        if AVX2:
-            return _madd_avx2(builder, w, xv)
-        return _sum_pairs_portable(builder, w, builder.sext(xv, _V(_I16, 32)))
+    def load_block(builder, wq, off):
+        parts = []
+        for j in range(4):
+            v = _load(builder, wq, builder.add(off, ir.Constant(off.type, 32 * j)), _V(_I8, 32))
+            parts.append((builder.and_(v, ir.Constant(_V(_I8, 32), [15] * 32)),
+                          builder.lshr(v, ir.Constant(_V(_I8, 32), [4] * 32))))
+        return parts
+
+    @staticmethod
+    def dot(builder, parts, xq, xoff):
+        acc16 = None  # |sum| <= 8 * 2 * 15 * 127 < 2**15: the whole block fits in i16 lanes
+        for j, (lo, hi) in enumerate(parts):
+            o = builder.add(xoff, ir.Constant(xoff.type, 8 * j))
+            p = builder.add(_maddubs(builder, lo, _splat4(builder, xq, o)),
+                            _maddubs(builder, hi, _splat4(builder, xq, builder.add(o, ir.Constant(o.type, 4)))))
+            acc16 = p if acc16 is None else builder.add(acc16, p)
+        return _madd_ones(builder, acc16)
 
 
 class _Q8:
-    block_bytes = 32
+    """q8_0 column groups: 256 bytes per block; each 32-byte vector holds 4 inputs of the 8 outputs."""
+
+    group_block_bytes = 256
+    has_min = False
 
     @staticmethod
-    def unpack(builder, wq, off):
-        wv = _load(builder, wq, off, _V(_I8, 32))
-        if AVX2:  # |w| as unsigned, and the sign moved onto the activation (llama.cpp's trick)
-            return (_call(builder, "llvm.x86.avx2.psign.b", _V(_I8, 32), [wv, wv]), wv)
-        return builder.sext(wv, _V(_I16, 32))
+    def load_block(builder, wq, off):
+        parts = []
+        for j in range(8):
+            w = _load(builder, wq, builder.add(off, ir.Constant(off.type, 32 * j)), _V(_I8, 32))
+            parts.append((_sign(builder, w, w), w))  # |w| as unsigned; its sign moves onto x (llama.cpp's trick)
+        return parts
 
     @staticmethod
-    def dot(builder, w, xv):
-        if AVX2:
-            aw, wv = w
-            return _madd_avx2(builder, aw, _call(builder, "llvm.x86.avx2.psign.b", _V(_I8, 32), [xv, wv]))
-        return _sum_pairs_portable(builder, w, builder.sext(xv, _V(_I16, 32)))
+    def dot(builder, parts, xq, xoff):
+        acc = None
+        for j, (aw, w) in enumerate(parts):
+            x = _splat4(builder, xq, builder.add(xoff, ir.Constant(xoff.type, 4 * j)))
+            p = _madd_ones(builder, _maddubs(builder, aw, _sign(builder, x, w)))
+            acc = p if acc is None else builder.add(acc, p)
+        return acc
 
 
-def _hsum(builder, v):
-    total = builder.extract_element(v, ir.Constant(_I32, 0))
-    for i in range(1, 8):
-        total = builder.fadd(total, builder.extract_element(v, ir.Constant(_I32, i)), flags=_FAST)
-    return total
-
-
-def _make_tile(fmt, rows: int, with_min: bool):
-    """An intrinsic: ``out[(r0+i)*N + n] = sum_b wd[n,b] xd[r0+i,b] (wq[n,b] . xq[r0+i,b]) (+ wm xs)``."""
+def _make_tile(fmt, rows: int):
+    """An intrinsic computing ``out[r0 + i, 8g : 8g + 8]`` for ``i < rows``: one column group of the
+    packed weight (``pack_for_kernels``) against ``rows`` quantized activation rows."""
 
     @intrinsic
-    def tile(typingctx, wq, wd, wm, xq, xd, xs, out, n, r0, nb, nout):
+    def tile(typingctx, wq, wd, wm, xq, xd, xs, out, g, r0, nb, nout):
         sig = types.void(wq, wd, wm, xq, xd, xs, out, types.int64, types.int64, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
-            wq_v, wd_v, wm_v, xq_v, xd_v, xs_v, out_v, n_v, r0_v, nb_v, nout_v = args
+            wq_v, wd_v, wm_v, xq_v, xd_v, xs_v, out_v, g_v, r0_v, nb_v, nout_v = args
             t = signature.args
             wq_p, xq_p = _data(context, builder, t[0], wq_v, _I8), _data(context, builder, t[3], xq_v, _I8)
             wd_p, wm_p = _data(context, builder, t[1], wd_v, _F32), _data(context, builder, t[2], wm_v, _F32)
             xd_p, xs_p = _data(context, builder, t[4], xd_v, _F32), _data(context, builder, t[5], xs_v, _F32)
             out_p = _data(context, builder, t[6], out_v, _F32)
-            i64 = n_v.type
-            zero_v = ir.Constant(_V(_F32, 8), [0.0] * 8)
-            accs = [cgutils.alloca_once_value(builder, zero_v) for _ in range(rows)]
-            mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
-            wrow = builder.mul(n_v, nb_v)
-            xrows = [builder.mul(builder.add(r0_v, ir.Constant(i64, i)), nb_v) for i in range(rows)]
+            i64 = g_v.type
+            c = lambda v: ir.Constant(i64, v)  # noqa: E731
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V(_F32, 8), [0.0] * 8)) for _ in range(rows)]
+            row_ids = [builder.add(r0_v, c(i)) for i in range(rows)]
+            k = builder.mul(nb_v, c(QK))
             with cgutils.for_range(builder, nb_v) as loop:
-                wb = builder.add(wrow, loop.index)
-                w = fmt.unpack(builder, wq_p, builder.mul(wb, ir.Constant(i64, fmt.block_bytes)))
-                dw = builder.load(builder.gep(wd_p, [wb]))
-                mw = builder.load(builder.gep(wm_p, [wb])) if with_min else None
+                b = loop.index
+                gb = builder.add(builder.mul(g_v, nb_v), b)  # (group, block)
+                parts = fmt.load_block(builder, wq_p, builder.mul(gb, c(fmt.group_block_bytes)))
+                dvec = _load(builder, wd_p, builder.mul(gb, c(8)), _V(_F32, 8))
+                mvec = _load(builder, wm_p, builder.mul(gb, c(8)), _V(_F32, 8)) if fmt.has_min else None
                 for i in range(rows):
-                    xb = builder.add(xrows[i], loop.index)
-                    xv = _load(builder, xq_p, builder.mul(xb, ir.Constant(i64, QK)), _V(_I8, 32))
-                    isum = builder.sitofp(fmt.dot(builder, w, xv), _V(_F32, 8))
-                    s = builder.fmul(dw, builder.load(builder.gep(xd_p, [xb])), flags=_FAST)
-                    acc = builder.fadd(builder.load(accs[i]), builder.fmul(isum, _splat(builder, s, 8), flags=_FAST),
-                                       flags=_FAST)
+                    xb = builder.add(builder.mul(row_ids[i], nb_v), b)
+                    isum = builder.sitofp(fmt.dot(builder, parts, xq_p, builder.add(builder.mul(row_ids[i], k),
+                                                                                      builder.mul(b, c(QK)))),
+                                          _V(_F32, 8))
+                    scale = builder.fmul(dvec, _splat(builder, builder.load(builder.gep(xd_p, [xb])), 8), flags=_FAST)
+                    acc = builder.fadd(builder.load(accs[i]), builder.fmul(isum, scale, flags=_FAST), flags=_FAST)
+                    if mvec is not None:
+                        xsum = _splat(builder, builder.load(builder.gep(xs_p, [xb])), 8)
+                        acc = builder.fadd(acc, builder.fmul(mvec, xsum, flags=_FAST), flags=_FAST)
                     builder.store(acc, accs[i])
-                    if with_min:
-                        xsum = builder.load(builder.gep(xs_p, [xb]))
-                        builder.store(builder.fadd(builder.load(mins[i]), builder.fmul(mw, xsum, flags=_FAST),
-                                                   flags=_FAST), mins[i])
             for i in range(rows):
-                total = _hsum(builder, builder.load(accs[i]))
-                if with_min:
-                    total = builder.fadd(total, builder.load(mins[i]), flags=_FAST)
-                dst = builder.add(builder.mul(builder.add(r0_v, ir.Constant(i64, i)), nout_v), n_v)
-                builder.store(total, builder.gep(out_p, [dst]))
+                dst = builder.add(builder.mul(row_ids[i], nout_v), builder.mul(g_v, c(8)))
+                ptr = builder.bitcast(builder.gep(out_p, [dst]), _V(_F32, 8).as_pointer())
+                builder.store(builder.load(accs[i]), ptr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -165,8 +189,8 @@ def _make_tile(fmt, rows: int, with_min: bool):
     return tile
 
 
-_q4_tile4, _q4_tile1 = _make_tile(_Q4, TILE_ROWS, True), _make_tile(_Q4, 1, True)
-_q8_tile4, _q8_tile1 = _make_tile(_Q8, TILE_ROWS, False), _make_tile(_Q8, 1, False)
+_q4_t1, _q4_t2, _q4_t3, _q4_t4 = (_make_tile(_Q4, r) for r in (1, 2, 3, 4))
+_q8_t1, _q8_t2, _q8_t3, _q8_t4 = (_make_tile(_Q8, r) for r in (1, 2, 3, 4))
 
 
 @njit(fastmath=True, nogil=True, cache=True)
@@ -205,33 +229,41 @@ def quantize_rows_parallel(x, xq, xd, xs):
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def matmul_q4_1(xq, xd, xs, m, wq, wd, wm, out):
-    """``out[m, N] = dequant(xq) @ dequant(w).T`` for q4_1 weights (flat arrays)."""
-    n_out = wd.shape[0]
-    nb = wd.shape[1]
+    """``out[m, N] = dequant(xq) @ dequant(w).T`` for packed q4_1 weights (``wd``: ``[N/8, K/32, 8]``)."""
+    groups, nb = wd.shape[0], wd.shape[1]
+    n_out = groups * 8
     wq1, wd1, wm1 = wq.reshape(-1), wd.reshape(-1), wm.reshape(-1)
-    for c in prange((n_out + CHUNK - 1) // CHUNK):
-        for n in range(c * CHUNK, min(n_out, c * CHUNK + CHUNK)):
-            r = 0
-            while r + TILE_ROWS <= m:
-                _q4_tile4(wq1, wd1, wm1, xq, xd, xs, out, n, r, nb, n_out)
-                r += TILE_ROWS
-            while r < m:
-                _q4_tile1(wq1, wd1, wm1, xq, xd, xs, out, n, r, nb, n_out)
-                r += 1
+    for chunk in prange((groups + GROUP_CHUNK - 1) // GROUP_CHUNK):
+        g0, g1 = chunk * GROUP_CHUNK, min(groups, chunk * GROUP_CHUNK + GROUP_CHUNK)
+        for r in range(0, m - 3, 4):
+            for g in range(g0, g1):
+                _q4_t4(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
+        r, left = m - m % 4, m % 4
+        for g in range(g0, g1):
+            if left == 3:
+                _q4_t3(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
+            elif left == 2:
+                _q4_t2(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
+            elif left == 1:
+                _q4_t1(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def matmul_q8_0(xq, xd, xs, m, wq, wd, out):
-    """``out[m, N] = dequant(xq) @ dequant(w).T`` for q8_0 weights (flat arrays)."""
-    n_out = wd.shape[0]
-    nb = wd.shape[1]
+    """``out[m, N] = dequant(xq) @ dequant(w).T`` for packed q8_0 weights (``wd``: ``[N/8, K/32, 8]``)."""
+    groups, nb = wd.shape[0], wd.shape[1]
+    n_out = groups * 8
     wq1, wd1 = wq.reshape(-1), wd.reshape(-1)
-    for c in prange((n_out + CHUNK - 1) // CHUNK):
-        for n in range(c * CHUNK, min(n_out, c * CHUNK + CHUNK)):
-            r = 0
-            while r + TILE_ROWS <= m:
-                _q8_tile4(wq1, wd1, wd1, xq, xd, xs, out, n, r, nb, n_out)
-                r += TILE_ROWS
-            while r < m:
-                _q8_tile1(wq1, wd1, wd1, xq, xd, xs, out, n, r, nb, n_out)
-                r += 1
+    for chunk in prange((groups + GROUP_CHUNK - 1) // GROUP_CHUNK):
+        g0, g1 = chunk * GROUP_CHUNK, min(groups, chunk * GROUP_CHUNK + GROUP_CHUNK)
+        for r in range(0, m - 3, 4):
+            for g in range(g0, g1):
+                _q8_t4(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
+        r, left = m - m % 4, m % 4
+        for g in range(g0, g1):
+            if left == 3:
+                _q8_t3(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
+            elif left == 2:
+                _q8_t2(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
+            elif left == 1:
+                _q8_t1(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)

@@ -76,9 +76,23 @@ def dequantize(fmt: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
 _QUANTIZERS = {"q8_0": quantize_q8_0, "q4_1": quantize_q4_1}
 
 
+def pack_for_kernels(fmt: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Row-block tensors (as quantized above) -> the kernels' column groups of 8 outputs (``quant_kernels``)."""
+    n, nb = t["d"].shape
+    k = nb * QK
+    scales = {name: t[name].view(n // 8, 8, nb).transpose(1, 2).contiguous() for name in ("d", "m") if name in t}
+    if fmt == "q8_0":
+        qs = t["qs"].view(n // 8, 8, k // 4, 4).transpose(1, 2)
+    else:
+        nib = t["qs"].view(n, nb, QK // 2)
+        q = torch.cat([nib & 15, nib >> 4], dim=-1).view(n // 8, 8, k // 8, 2, 4)  # [group, out, 8 inputs]
+        qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(1, 2)  # inputs 0-3 low nibbles, 4-7 high
+    return {"qs": qs.reshape(n // 8, -1).contiguous(), **scales}
+
+
 # ------------------------------------------------------------------ the layer
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` block-quantized; ``x`` float32 ``[T, K]``."""
+    """``y = x @ W.T + b`` with ``W`` block-quantized (packed by :func:`pack_for_kernels`); ``x`` float32 ``[T, K]``."""
 
     def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -87,8 +101,8 @@ class QuantLinear(nn.Module):
         if fmt not in QUANT_FORMATS:
             raise ValueError(f"unknown quantized format {fmt!r}; known: {QUANT_FORMATS}")
         self.fmt = fmt
-        self.out_features, nb = tensors["d"].shape
-        self.in_features = nb * QK
+        groups, nb, _ = tensors["d"].shape
+        self.out_features, self.in_features = groups * 8, nb * QK
         for name, t in tensors.items():
             self.register_buffer(name, t.contiguous(), persistent=False)
         self.bias = bias
@@ -97,9 +111,9 @@ class QuantLinear(nn.Module):
         self._np = {name: getattr(self, name).numpy() for name in tensors}
 
     @classmethod
-    def from_linear(cls, linear: Linear, fmt: str) -> "QuantLinear":
-        bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        return cls(fmt, _QUANTIZERS[fmt](linear.weight.detach()), bias)
+    def from_weight(cls, fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "QuantLinear":
+        bias = None if bias is None else bias.detach().float().clone()
+        return cls(fmt, pack_for_kernels(fmt, _QUANTIZERS[fmt](weight.detach())), bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.fmt}, bias={self.bias is not None}"
@@ -144,12 +158,13 @@ def quantize_linears(model: nn.Module, choose: Callable[[str, Linear], str | Non
                 continue
             if id(child) not in done:
                 full = f"{parent_name}.{name}" if parent_name else name
-                fmt = choose(full, child) if child.in_features % QK == 0 else None
+                fmt = choose(full, child) if child.in_features % QK == 0 and child.out_features % 8 == 0 else None
                 if fmt is None:
                     done[id(child)] = child
                 else:
                     prev = stored.get(full)
-                    tensors = prev[1] if prev is not None and prev[0] == fmt else _QUANTIZERS[fmt](child.weight.detach())
+                    tensors = (prev[1] if prev is not None and prev[0] == fmt
+                               else pack_for_kernels(fmt, _QUANTIZERS[fmt](child.weight.detach())))
                     bias = None if child.bias is None else child.bias.detach().float().clone()
                     done[id(child)] = QuantLinear(fmt, tensors, bias)
                     result[full] = (fmt, tensors)
