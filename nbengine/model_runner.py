@@ -16,7 +16,7 @@ from .kv_cache import KVPool
 from .layers.cpu_threads import omp_team
 from .loader.hf import iter_weights
 from .models import get_model_class
-from .quantization import layer_chooser, resolve_quantization
+from .quantization import KernelWarmUp, ModelQuantizer, resolve_quantization
 from .scheduler import ScheduledSeq
 
 logger = logging.getLogger("nbengine")
@@ -60,34 +60,39 @@ class ModelRunner:
             logger.warning("context_length %d is above the model's %d; using %d", config.context_length,
                            mc.max_position_embeddings, mc.max_position_embeddings)
         t0 = time.perf_counter()
+        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
+        # numba's start-up (~1-2 s of CPU) runs on a thread while the weights load
+        warm_up = KernelWarmUp() if self.quantization else None
+        quantizer = ModelQuantizer(self.quantization, model_dir, mc.tie_word_embeddings) if self.quantization else None
         cls = get_model_class(mc.architecture)
         with torch.device(self.device):
             self.model = cls(mc, self.device).to(self.dtype)
-        self.model.load_weights((n, w) for n, w in iter_weights(model_dir))
+        skip = quantizer.skipped_weights(self.model) if quantizer else set()
+        self.model.load_weights((n, w) for n, w in iter_weights(model_dir, skip=skip))
         self.model.eval()
-        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
-        if self.quantization:
-            self._quantize(model_dir)
+        if warm_up is not None and (error := warm_up.wait()) is not None:
+            if config.quantization != "auto":
+                raise RuntimeError(f"the quantized CPU kernels failed to load ({error!r}); use quantization=None") \
+                    from error
+            logger.warning("the quantized CPU kernels failed to load (%r); running in float32", error)
+            self.quantization = quantizer = None
+            if skip:
+                self.model.load_weights(iter_weights(model_dir))
+        if quantizer is not None:
+            self._quantize(quantizer)
         logger.info("loaded %s in %.2fs on %s (%s, quantization %s)", mc.architecture, time.perf_counter() - t0,
                     self.device, self.dtype, self.quantization)
         self.pool = self._make_pool()
 
-    def _quantize(self, model_dir: Path) -> None:
-        """Swap the linear layers for block-quantized ones (from the disk cache when it has them)."""
+    def _quantize(self, quantizer: ModelQuantizer) -> None:
+        """Swap the linear layers for block-quantized ones and attend decodes from the pool with numba."""
         import numba
 
         from .layers.cpu_attention import CpuPagedAttention
-        from .layers.quant_linear import quantize_linears
-        from .loader import quant_cache
 
         numba.set_num_threads(min(omp_team.wide_threads, numba.config.NUMBA_NUM_THREADS))  # this thread only
         omp_team.keep_narrow()  # numba's pool does the parallel work; torch's would fight it for the cores
-        path = quant_cache.cache_path(model_dir, self.quantization)
-        stored = quant_cache.load(path)
-        choose = layer_chooser(self.quantization, model_dir, self.model_config.tie_word_embeddings)
-        counts, layers = quantize_linears(self.model, choose, stored)
-        if any(name not in stored for name in layers):
-            quant_cache.save(path, layers)
+        counts = quantizer.apply(self.model)
         mc = self.model_config
         self.model.attn_backend = CpuPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim)
         logger.info("quantized linear layers: %s", counts)

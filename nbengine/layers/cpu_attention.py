@@ -84,3 +84,10 @@ class _CpuMeta:
     page_table: np.ndarray  # [Bd, W] int32: the decodes' rows
     seq_lens: np.ndarray  # [Bd] int64
     groups: list[_ExtendGroup]
+
+
+def warm_up() -> None:
+    """Load (or compile) the decode kernel before the first request."""
+    q = np.zeros((1, 2, 8), np.float32)
+    paged_decode_attention(q, np.zeros((4, 2, 1, 8), np.float32), np.zeros((1, 1), np.int32), np.ones(1, np.int64),
+                           4, np.float32(1.0), np.zeros_like(q))

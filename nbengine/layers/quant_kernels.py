@@ -267,3 +267,15 @@ def matmul_q8_0(xq, xd, xs, m, wq, wd, out):
                 _q8_t2(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
             elif left == 1:
                 _q8_t1(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
+
+
+def warm_up() -> None:
+    """Load (or, the first time on this machine, compile) every kernel, so no request pays for it."""
+    x = np.zeros((1, QK), dtype=np.float32)
+    xq, xd, xs = np.zeros(QK, np.int8), np.zeros(1, np.float32), np.zeros(1, np.float32)
+    quantize_rows(x, xq, xd, xs)
+    quantize_rows_parallel(x, xq, xd, xs)
+    out = np.zeros(8, np.float32)
+    scales = np.zeros((1, 1, 8), np.float32)
+    matmul_q4_1(xq, xd, xs, 1, np.zeros((1, 128), np.uint8), scales, scales, out)
+    matmul_q8_0(xq, xd, xs, 1, np.zeros((1, 256), np.int8), scales, out)
