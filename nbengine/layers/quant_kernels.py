@@ -28,6 +28,7 @@ except Exception:  # noqa: BLE001 - feature probing is best effort; the portable
     AVX2 = False
 
 QK = 32  # features per block
+PARALLEL_QUANT_ROWS = 64  # activations of at least this many rows are quantized by all threads
 GROUP_CHUNK = 4  # column groups (of 8 outputs) per parallel work item: 4 rows x 32 outputs per inner tile sweep
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -214,19 +215,6 @@ def quantize_row(x, r, xq, xd, xs):
         xs[r * nb + b] = d * np.float32(total)
 
 
-@njit(fastmath=True, nogil=True, cache=True)
-def quantize_rows(x, xq, xd, xs):
-    """:func:`quantize_row` for every row of ``x[M, K]`` (one thread: cheaper than a parallel region)."""
-    for r in range(x.shape[0]):
-        quantize_row(x, r, xq, xd, xs)
-
-
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def quantize_rows_parallel(x, xq, xd, xs):
-    for r in prange(x.shape[0]):
-        quantize_row(x, r, xq, xd, xs)
-
-
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def matmul_q4_1(xq, xd, xs, m, wq, wd, wm, out):
     """``out[m, N] = dequant(xq) @ dequant(w).T`` for packed q4_1 weights (``wd``: ``[N/8, K/32, 8]``)."""
@@ -269,13 +257,40 @@ def matmul_q8_0(xq, xd, xs, m, wq, wd, out):
                 _q8_t1(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
 
 
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def quantize_activations(x):
+    """``x[M, K]`` float32 -> (int8 ``xq[M*K]``, scales ``xd[M*K/32]``, scaled sums ``xs``)."""
+    m, k = x.shape
+    xq = np.empty(m * k, dtype=np.int8)
+    xd = np.empty(m * (k // QK), dtype=np.float32)
+    xs = np.empty(m * (k // QK), dtype=np.float32)
+    if m >= PARALLEL_QUANT_ROWS:
+        for r in prange(m):
+            quantize_row(x, r, xq, xd, xs)
+    else:  # a parallel region costs more than quantizing a few rows
+        for r in range(m):
+            quantize_row(x, r, xq, xd, xs)
+    return xq, xd, xs
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def linear_q4_1(x, wq, wd, wm, out):
+    """``out[M, N] = x @ W.T`` for float32 ``x[M, K]`` and packed q4_1 ``W``: one call per layer."""
+    xq, xd, xs = quantize_activations(x)
+    matmul_q4_1(xq, xd, xs, x.shape[0], wq, wd, wm, out.reshape(-1))
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def linear_q8_0(x, wq, wd, out):
+    """``out[M, N] = x @ W.T`` for float32 ``x[M, K]`` and packed q8_0 ``W``."""
+    xq, xd, xs = quantize_activations(x)
+    matmul_q8_0(xq, xd, xs, x.shape[0], wq, wd, out.reshape(-1))
+
+
 def warm_up() -> None:
     """Load (or, the first time on this machine, compile) every kernel, so no request pays for it."""
     x = np.zeros((1, QK), dtype=np.float32)
-    xq, xd, xs = np.zeros(QK, np.int8), np.zeros(1, np.float32), np.zeros(1, np.float32)
-    quantize_rows(x, xq, xd, xs)
-    quantize_rows_parallel(x, xq, xd, xs)
-    out = np.zeros(8, np.float32)
+    out = np.zeros((1, 8), np.float32)
     scales = np.zeros((1, 1, 8), np.float32)
-    matmul_q4_1(xq, xd, xs, 1, np.zeros((1, 128), np.uint8), scales, scales, out)
-    matmul_q8_0(xq, xd, xs, 1, np.zeros((1, 256), np.int8), scales, out)
+    linear_q4_1(x, np.zeros((1, 128), np.uint8), scales, scales, out)
+    linear_q8_0(x, np.zeros((1, 256), np.int8), scales, out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +20,6 @@ logger = logging.getLogger("nbengine")
 
 QUANT_FORMATS = ("q8_0", "q4_1")
 QK = 32
-PARALLEL_QUANT_ROWS = 64  # activations of at least this many rows are quantized by all threads
 _ROWS_PER_CHUNK = 4096  # rows quantized at a time (bounds the temporaries for large LM heads)
 
 
@@ -106,9 +104,8 @@ class QuantLinear(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t.contiguous(), persistent=False)
         self.bias = bias
-        self._kernel = qk.matmul_q4_1 if fmt == "q4_1" else qk.matmul_q8_0
-        self._quantize, self._quantize_parallel = qk.quantize_rows, qk.quantize_rows_parallel
-        self._np = {name: getattr(self, name).numpy() for name in tensors}
+        self._kernel = qk.linear_q4_1 if fmt == "q4_1" else qk.linear_q8_0
+        self._weights = tuple(getattr(self, name).numpy() for name in ("qs", "d", "m") if name in tensors)
 
     @classmethod
     def from_weight(cls, fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -121,17 +118,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        m, k, nb = x2.shape[0], self.in_features, self.in_features // QK
-        xq = np.empty(m * k, dtype=np.int8)
-        xd = np.empty(m * nb, dtype=np.float32)
-        xs = np.empty(m * nb, dtype=np.float32)
-        (self._quantize_parallel if m >= PARALLEL_QUANT_ROWS else self._quantize)(x2.numpy(), xq, xd, xs)
-        out = torch.empty(m, self.out_features)
-        w = self._np
-        if self.fmt == "q4_1":
-            self._kernel(xq, xd, xs, m, w["qs"], w["d"], w["m"], out.numpy().reshape(-1))
-        else:
-            self._kernel(xq, xd, xs, m, w["qs"], w["d"], out.numpy().reshape(-1))
+        out = torch.empty(x2.shape[0], self.out_features)
+        self._kernel(x2.numpy(), *self._weights, out.numpy())
         if self.bias is not None:
             out += self.bias
         return out.view(*lead, self.out_features)
