@@ -88,7 +88,11 @@ def _decode_batch(lens: list[int], tables: list[list[int]], page_size: int) -> F
                         seq_lens_host=lens, q_lens_host=[1] * bd, q_starts_host=list(range(bd)))
 
 
-def test_paged_decode_attention_reads_the_pool_like_the_torch_backend():
+@pytest.mark.parametrize("kernel", ["parallel", "serial"])
+def test_paged_decode_attention_reads_the_pool_like_the_torch_backend(kernel, monkeypatch):
+    from nbengine.layers import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "SERIAL_MAX_KEYS", 0 if kernel == "parallel" else 1 << 30)
     torch.manual_seed(0)
     h, hk, d, ps = 6, 2, 32, 4
     pool = torch.randn(64 * ps, 2, hk, d)

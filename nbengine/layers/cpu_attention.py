@@ -19,8 +19,7 @@ from ..forward_batch import ForwardBatch
 from .attention import TorchPagedAttention, _ExtendGroup
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def paged_decode_attention(q, kv, page_table, seq_lens, page_size, scale, out):
+def _paged_decode_attention(q, kv, page_table, seq_lens, page_size, scale, out):
     """``q``, ``out``: ``[B, H, D]``; ``kv``: ``[S, 2, Hkv, D]``; ``page_table``: ``[B, W]``; ``seq_lens``: ``[B]``."""
     nseq, nh, dim = q.shape
     nkv = kv.shape[2]
@@ -57,13 +56,20 @@ def paged_decode_attention(q, kv, page_table, seq_lens, page_size, scale, out):
                     out[b, h, i] += p * kv[slot, 1, hk, i]
 
 
+paged_decode_attention = njit(parallel=True, fastmath=True, nogil=True, cache=True)(_paged_decode_attention)
+# the same kernel on the calling thread: for a few short contexts a parallel region costs more than the work
+paged_decode_attention_serial = njit(fastmath=True, nogil=True, cache=True)(_paged_decode_attention)
+SERIAL_MAX_KEYS = 4096  # total keys x KV heads of a step below which the serial kernel runs
+
+
 class CpuPagedAttention(TorchPagedAttention):
     name = "cpu"
 
     def prepare(self, fb: ForwardBatch) -> None:
         bd = fb.num_decodes
         # decodes need only their page-table rows and lengths; the torch planner groups the prefill chunks
-        fb.attn = _CpuMeta(fb.page_table[:bd].numpy(), fb.seq_lens[:bd].numpy(), self._plan_extends(fb))
+        keys = sum(fb.seq_lens_host[:bd]) * self.num_kv_heads
+        fb.attn = _CpuMeta(fb.page_table[:bd].numpy(), fb.seq_lens[:bd].numpy(), keys, self._plan_extends(fb))
 
     def forward(self, q: torch.Tensor, kv_new: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         meta: _CpuMeta = fb.attn
@@ -72,7 +78,8 @@ class CpuPagedAttention(TorchPagedAttention):
         kv_layer.view(kv_layer.shape[0], -1).index_copy_(0, fb.out_slots, kv_new)
         out = torch.empty(t, h * d, dtype=q.dtype)
         if bd:
-            paged_decode_attention(q[:bd].contiguous().numpy().reshape(bd, h, d), kv_layer.numpy(), meta.page_table,
+            kernel = paged_decode_attention_serial if meta.keys < SERIAL_MAX_KEYS else paged_decode_attention
+            kernel(q[:bd].contiguous().numpy().reshape(bd, h, d), kv_layer.numpy(), meta.page_table,
                                    meta.seq_lens, fb.page_size, np.float32(self.scale), out.numpy()[:bd].reshape(bd, h, d))
         if bd < t:
             self._extend(q, kv_layer, meta.groups, out)
@@ -83,11 +90,13 @@ class CpuPagedAttention(TorchPagedAttention):
 class _CpuMeta:
     page_table: np.ndarray  # [Bd, W] int32: the decodes' rows
     seq_lens: np.ndarray  # [Bd] int64
+    keys: int  # sum of the decodes' context lengths x KV heads (the kernel's work)
     groups: list[_ExtendGroup]
 
 
 def warm_up() -> None:
     """Load (or compile) the decode kernel before the first request."""
     q = np.zeros((1, 2, 8), np.float32)
-    paged_decode_attention(q, np.zeros((4, 2, 1, 8), np.float32), np.zeros((1, 1), np.int32), np.ones(1, np.int64),
-                           4, np.float32(1.0), np.zeros_like(q))
+    for kernel in (paged_decode_attention, paged_decode_attention_serial):
+        kernel(q, np.zeros((4, 2, 1, 8), np.float32), np.zeros((1, 1), np.int32), np.ones(1, np.int64), 4,
+               np.float32(1.0), np.zeros_like(q))
