@@ -215,9 +215,31 @@ def quantize_row(x, r, xq, xd, xs):
         xs[r * nb + b] = d * np.float32(total)
 
 
+@njit(fastmath=True, nogil=True, cache=True, inline="always")
+def _tile(q4, rows, wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out):
+    if q4:
+        if rows == 4:
+            _q4_t4(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+        elif rows == 3:
+            _q4_t3(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+        elif rows == 2:
+            _q4_t2(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+        elif rows == 1:
+            _q4_t1(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+    elif rows == 4:
+        _q8_t4(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+    elif rows == 3:
+        _q8_t3(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+    elif rows == 2:
+        _q8_t2(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+    elif rows == 1:
+        _q8_t1(wq, wd, wm, xq, xd, xs, out, g, r, nb, n_out)
+
+
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def matmul_q4_1(xq, xd, xs, m, wq, wd, wm, out):
-    """``out[m, N] = dequant(xq) @ dequant(w).T`` for packed q4_1 weights (``wd``: ``[N/8, K/32, 8]``)."""
+def matmul(q4, xq, xd, xs, m, wq, wd, wm, out):
+    """``out[m, N] = dequant(xq) @ dequant(w).T`` for packed weights (``wd``, ``wm``: ``[N/8, K/32, 8]``;
+    ``q4``: q4_1 with minima ``wm``, else q8_0 and ``wm`` is ignored)."""
     groups, nb = wd.shape[0], wd.shape[1]
     n_out = groups * 8
     wq1, wd1, wm1 = wq.reshape(-1), wd.reshape(-1), wm.reshape(-1)
@@ -225,36 +247,9 @@ def matmul_q4_1(xq, xd, xs, m, wq, wd, wm, out):
         g0, g1 = chunk * GROUP_CHUNK, min(groups, chunk * GROUP_CHUNK + GROUP_CHUNK)
         for r in range(0, m - 3, 4):
             for g in range(g0, g1):
-                _q4_t4(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
-        r, left = m - m % 4, m % 4
+                _tile(q4, 4, wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
         for g in range(g0, g1):
-            if left == 3:
-                _q4_t3(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
-            elif left == 2:
-                _q4_t2(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
-            elif left == 1:
-                _q4_t1(wq1, wd1, wm1, xq, xd, xs, out, g, r, nb, n_out)
-
-
-@njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def matmul_q8_0(xq, xd, xs, m, wq, wd, out):
-    """``out[m, N] = dequant(xq) @ dequant(w).T`` for packed q8_0 weights (``wd``: ``[N/8, K/32, 8]``)."""
-    groups, nb = wd.shape[0], wd.shape[1]
-    n_out = groups * 8
-    wq1, wd1 = wq.reshape(-1), wd.reshape(-1)
-    for chunk in prange((groups + GROUP_CHUNK - 1) // GROUP_CHUNK):
-        g0, g1 = chunk * GROUP_CHUNK, min(groups, chunk * GROUP_CHUNK + GROUP_CHUNK)
-        for r in range(0, m - 3, 4):
-            for g in range(g0, g1):
-                _q8_t4(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
-        r, left = m - m % 4, m % 4
-        for g in range(g0, g1):
-            if left == 3:
-                _q8_t3(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
-            elif left == 2:
-                _q8_t2(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
-            elif left == 1:
-                _q8_t1(wq1, wd1, wd1, xq, xd, xs, out, g, r, nb, n_out)
+            _tile(q4, m % 4, wq1, wd1, wm1, xq, xd, xs, out, g, m - m % 4, nb, n_out)
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
@@ -277,14 +272,14 @@ def quantize_activations(x):
 def linear_q4_1(x, wq, wd, wm, out):
     """``out[M, N] = x @ W.T`` for float32 ``x[M, K]`` and packed q4_1 ``W``: one call per layer."""
     xq, xd, xs = quantize_activations(x)
-    matmul_q4_1(xq, xd, xs, x.shape[0], wq, wd, wm, out.reshape(-1))
+    matmul(True, xq, xd, xs, x.shape[0], wq, wd, wm, out.reshape(-1))
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def linear_q8_0(x, wq, wd, out):
     """``out[M, N] = x @ W.T`` for float32 ``x[M, K]`` and packed q8_0 ``W``."""
     xq, xd, xs = quantize_activations(x)
-    matmul_q8_0(xq, xd, xs, x.shape[0], wq, wd, out.reshape(-1))
+    matmul(False, xq, xd, xs, x.shape[0], wq, wd, wd, out.reshape(-1))
 
 
 def warm_up() -> None:
