@@ -90,7 +90,8 @@ class ModelRunner:
 
         from .layers.cpu_attention import CpuPagedAttention
 
-        numba.set_num_threads(min(omp_team.wide_threads, numba.config.NUMBA_NUM_THREADS))  # this thread only
+        threads = self.config.num_threads or omp_team.wide_threads
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this thread only
         omp_team.keep_narrow()  # numba's pool does the parallel work; torch's would fight it for the cores
         counts = quantizer.apply(self.model)
         mc = self.model_config
