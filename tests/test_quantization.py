@@ -176,6 +176,7 @@ def _perplexity(llm: Engine, ids: list[int]) -> float:
     return math.exp(-sum(lps) / len(lps))
 
 
+@pytest.mark.slow
 def test_default_model_perplexity_on_held_out_text_is_within_one_percent_of_float32(default_model_dir):
     from nbengine.tokenizer import Tokenizer
 
