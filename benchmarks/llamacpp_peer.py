@@ -55,6 +55,7 @@ def load(gguf: str, n_ctx: int, threads: int):
 
 def greedy(llm, prompt: list[int], n: int) -> tuple[int, float]:
     """Generate exactly ``n`` tokens greedily (EOS ignored); returns (tokens, seconds to the first)."""
+    llm.reset()  # else generate() reuses the KV of a common prefix (nbengine has no prefix cache yet)
     t0 = time.perf_counter()
     first = 0.0
     count = 0
