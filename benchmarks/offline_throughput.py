@@ -199,7 +199,9 @@ def main() -> None:
 
             latency["llamacpp_first_token_s"] = llamacpp_peer.first_token_s(gguf, prompt30, args.threads)
     dev = device_name(args.device)
-    print(f"\ndevice: {dev}   model: {model_dir}   dtype: {args.dtype}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\ndevice: {dev}   model: {model_dir}   dtype: {args.dtype}   load average (1 min): {load:.1f}"
+          f"   OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     ratio_names = list(rows[0]["ratios"]) if rows else []
     print(f"{'prompts x out':>14} | " + " | ".join(f"{b:>12}" for b in backends)
           + "".join(f" | {n:>18}" for n in ratio_names))
@@ -213,6 +215,8 @@ def main() -> None:
         print(f"(best of {args.repeat} alternating runs per backend; all runs are in {args.out})")
     Path(args.out).write_text(json.dumps({"device": dev, "cpu_flags": cpu_flags(), "dtype": args.dtype,
                                           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                                          "load_average_1min": load,
+                                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                           "rows": rows, "latency": latency}, indent=2))
 
 
