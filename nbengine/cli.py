@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system message for the chat template")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="auto")
+    g.add_argument("--quantization", default="auto", help="CPU linear layers: auto, none, q8_0 or q4_1")
     g.add_argument("--stats", action="store_true", help="print token counts and speed to stderr at the end")
     from .server.cli import add_serve_parser
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        with Engine(args.model, dtype=args.dtype, device=args.device) as llm:
+        with Engine(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization) as llm:
             tok = llm.tokenizer
             input_ids = None
             if not args.raw and tok is not None and tok.chat_template:

@@ -44,6 +44,7 @@ class EngineConfig:
     stream_interval: int = 1
     trust_remote_code: bool = False
     num_threads: int | None = None
+    quantization: str | None = "auto"  # see nbengine.quantization: auto, none/None, q8_0, q4_1
 
     @classmethod
     def from_kwargs(cls, model_path: str | None, kwargs: dict[str, Any]) -> "EngineConfig":
@@ -76,6 +77,9 @@ class EngineConfig:
             raise ValueError("tp_size and dp_size other than 1 are not supported yet; use tp_size=1, dp_size=1.")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}.")
+        from .quantization import validate_quantization
+
+        validate_quantization(self.quantization)
         level = logging.getLevelName(str(self.log_level).upper()) if self.log_level is not None else 0
         if not isinstance(level, int):
             raise ValueError(f"log_level must be one of debug, info, warning, error, got {self.log_level!r}.")

@@ -234,6 +234,7 @@ class EngineCore:
             "context_length": self.runner.context_length,
             "device": str(self.runner.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),
+            "quantization": self.runner.quantization,
             "architecture": self.runner.model_config.architecture,
             "attention_backend": self.runner.model.attn_backend.name,
         }

@@ -16,6 +16,7 @@ from .kv_cache import KVPool
 from .layers.cpu_threads import omp_team
 from .loader.hf import iter_weights
 from .models import get_model_class
+from .quantization import KernelWarmUp, ModelQuantizer, resolve_quantization
 from .scheduler import ScheduledSeq
 
 logger = logging.getLogger("nbengine")
@@ -59,13 +60,43 @@ class ModelRunner:
             logger.warning("context_length %d is above the model's %d; using %d", config.context_length,
                            mc.max_position_embeddings, mc.max_position_embeddings)
         t0 = time.perf_counter()
+        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
+        # numba's start-up (~1-2 s of CPU) runs on a thread while the weights load
+        warm_up = KernelWarmUp() if self.quantization else None
+        quantizer = ModelQuantizer(self.quantization, model_dir, mc.tie_word_embeddings) if self.quantization else None
         cls = get_model_class(mc.architecture)
         with torch.device(self.device):
             self.model = cls(mc, self.device).to(self.dtype)
-        self.model.load_weights((n, w) for n, w in iter_weights(model_dir))
+        skip = quantizer.skipped_weights(self.model) if quantizer else set()
+        self.model.load_weights((n, w) for n, w in iter_weights(model_dir, skip=skip))
         self.model.eval()
-        logger.info("loaded %s in %.2fs on %s (%s)", mc.architecture, time.perf_counter() - t0, self.device, self.dtype)
+        if warm_up is not None and (error := warm_up.wait()) is not None:
+            if config.quantization != "auto":
+                raise RuntimeError(f"the quantized CPU kernels failed to load ({error!r}); use quantization=None") \
+                    from error
+            logger.warning("the quantized CPU kernels failed to load (%r); running in float32", error)
+            self.quantization = quantizer = None
+            if skip:
+                self.model.load_weights(iter_weights(model_dir))
+        if quantizer is not None:
+            self._quantize(quantizer)
+        logger.info("loaded %s in %.2fs on %s (%s, quantization %s)", mc.architecture, time.perf_counter() - t0,
+                    self.device, self.dtype, self.quantization)
         self.pool = self._make_pool()
+
+    def _quantize(self, quantizer: ModelQuantizer) -> None:
+        """Swap the linear layers for block-quantized ones and attend decodes from the pool with numba."""
+        import numba
+
+        from .layers.cpu_attention import CpuPagedAttention
+
+        threads = self.config.num_threads or omp_team.wide_threads
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this thread only
+        omp_team.keep_narrow()  # numba's pool does the parallel work; torch's would fight it for the cores
+        counts = quantizer.apply(self.model)
+        mc = self.model_config
+        self.model.attn_backend = CpuPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim)
+        logger.info("quantized linear layers: %s", counts)
 
     # ------------------------------------------------------------------ KV pool
     def _make_pool(self) -> KVPool:

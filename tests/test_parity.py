@@ -220,7 +220,7 @@ def test_default_model_chat_greedy_batch_equals_one_by_one_equals_transformers(d
     hf = _load_hf(default_model_dir)
     expected = [_hf_greedy(hf, p, n) for p in prompts]
     del hf
-    with Engine(str(default_model_dir), random_seed=0) as llm:
+    with Engine(str(default_model_dir), random_seed=0, quantization=None) as llm:  # the exact float32 path
         batch = [o["output_ids"] for o in llm.generate(input_ids=prompts, sampling_params=params)]
         single = [llm.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
         texts = [o["text"] for o in llm.generate(input_ids=prompts[:2], sampling_params=params)]

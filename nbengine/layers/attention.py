@@ -96,10 +96,13 @@ class TorchPagedAttention:
                 dec_mask = torch.zeros(bd, 1, 1, dec_len, dtype=fb.dtype, device=dev)
                 dec_mask.masked_fill_(~real.view(bd, 1, 1, dec_len), float("-inf"))
             dec_slots = slots.reshape(-1)
+        fb.attn = _TorchMeta(dec_slots, dec_mask, dec_len, self._plan_extends(fb))
+
+    def _plan_extends(self, fb: ForwardBatch) -> list[_ExtendGroup]:
+        bd, dev = fb.num_decodes, fb.page_table.device
         extends = [(fb.q_starts_host[i], fb.q_lens_host[i], fb.seq_lens_host[i]) for i in range(bd, fb.batch_size)]
         index_of = {fb.q_starts_host[i]: i for i in range(bd, fb.batch_size)}
-        groups = [self._prepare_group(fb, g, [index_of[r0] for r0, _, _ in g], dev) for g in _group_extends(extends)]
-        fb.attn = _TorchMeta(dec_slots, dec_mask, dec_len, groups)
+        return [self._prepare_group(fb, g, [index_of[r0] for r0, _, _ in g], dev) for g in _group_extends(extends)]
 
     def _prepare_group(self, fb: ForwardBatch, group: list[tuple[int, int, int]], seq_idx: list[int],
                        dev: torch.device) -> _ExtendGroup:
@@ -145,7 +148,13 @@ class TorchPagedAttention:
         out = torch.empty(t, h * d, dtype=q.dtype, device=q.device)
         if dec_out is not None:
             out[:bd] = dec_out
-        for grp in meta.groups:
+        self._extend(q, kv_layer, meta.groups, out)
+        return out
+
+    def _extend(self, q: torch.Tensor, kv_layer: torch.Tensor, groups: list[_ExtendGroup], out: torch.Tensor) -> None:
+        """Attend the prefill chunks (grouped and padded by :meth:`_plan_extends`) into their rows of ``out``."""
+        h, hk, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        for grp in groups:
             n, lq, lc = grp.size
             ctx = kv_layer.index_select(0, grp.ctx_slots).view(n, lc, 2, hk, d)
             k = ctx[:, :, 0].transpose(1, 2)  # [G, Hkv, Lc, D]
@@ -159,4 +168,3 @@ class TorchPagedAttention:
                                   v.repeat_interleave(g, 1), attn_mask=grp.mask, scale=self.scale)
             o = o.transpose(1, 2).reshape(n * lq, h * d)
             out.index_copy_(0, grp.out_rows, o.index_select(0, grp.valid))
-        return out

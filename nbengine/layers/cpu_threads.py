@@ -45,10 +45,21 @@ class _OmpTeam:
             self.wide_threads = torch.get_num_threads()
             self._local.base = self.wide_threads
 
+    def keep_narrow(self) -> None:
+        """Run torch on one OpenMP thread on the calling (managed) thread, for every op.
+
+        For engines whose big kernels bring their own thread pool (the quantized CPU kernels):
+        two runtimes' spinning workers on the same cores slow each other down many times over.
+        """
+        if getattr(self._local, "base", None) is not None:
+            self._set(1)
+            self._local.base = 1
+            self._local.narrow = True
+
     def begin_step(self, num_tokens: int) -> None:
         """Pick this step's team size for element-wise ops on a managed thread."""
         base = getattr(self._local, "base", None)
-        if base is None:
+        if base is None or getattr(self._local, "narrow", False):
             return
         new = self.wide_threads if num_tokens >= WIDE_STEP_TOKENS else 1
         if new != base:
@@ -58,7 +69,7 @@ class _OmpTeam:
     def wide(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``fn`` with the full OpenMP team (a plain call where the team is already full)."""
         base = getattr(self._local, "base", None)
-        if base is None or base == self.wide_threads:
+        if base is None or base == self.wide_threads or getattr(self._local, "narrow", False):
             return fn(*args, **kwargs)
         self._set(self.wide_threads)
         try:

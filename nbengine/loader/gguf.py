@@ -2,7 +2,9 @@
 
 The folder holds ``config.json``, ``model.safetensors`` (float32, dequantized),
 ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` so
-that both nbengine and ``transformers`` can load it like any HF checkpoint.
+that both nbengine and ``transformers`` can load it like any HF checkpoint, plus
+``gguf_tensor_types.json`` (each weight matrix's GGUF type, e.g. ``Q4_1``), from which
+the CPU path picks the block format that reproduces the checkpoint's own weights.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ import numpy as np
 
 from nbengine.errors import UnsupportedModelError
 
-__all__ = ["CONVERTER_VERSION", "SUPPORTED_ARCHS", "convert_gguf_to_hf"]
+__all__ = ["CONVERTER_VERSION", "SUPPORTED_ARCHS", "TENSOR_TYPES_FILE", "convert_gguf_to_hf"]
 
 logger = logging.getLogger("nbengine")
 
 #: Bump when the output of the converter changes, so cached folders are rebuilt.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
+
+#: Names the GGUF type of each converted weight matrix (HF tensor name -> type name).
+TENSOR_TYPES_FILE = "gguf_tensor_types.json"
 
 #: GGUF ``general.architecture`` -> (HF architecture, HF model_type).
 SUPPORTED_ARCHS: dict[str, tuple[str, str]] = {
@@ -337,6 +342,8 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
             pbar.update(1)
         del tensors
         _write_json(tmp / "config.json", config)
+        _write_json(tmp / TENSOR_TYPES_FILE, {_hf_tensor_name(t.name): t.tensor_type.name
+                                              for t in reader.tensors if len(t.shape) == 2})
         _write_json(tmp / "generation_config.json", gen_config)
         _write_json(tmp / "tokenizer_config.json", tok_config)
         tokenizer.save(str(tmp / "tokenizer.json"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Container, Iterator
 
 import torch
 from safetensors import safe_open
@@ -25,9 +25,10 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every tensor of every shard, memory-mapped."""
+def iter_weights(folder: str | Path, skip: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of every shard but those named in ``skip`` (never read)."""
     for path in safetensors_files(Path(folder)):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if name not in skip:
+                    yield name, f.get_tensor(name)
