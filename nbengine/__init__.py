@@ -1,7 +1,7 @@
 """nbengine: an LLM inference engine that lives inside a notebook kernel."""
 
-from .errors import (EngineDeadError, EngineShutdownError, ModelNotFoundError, NBEngineError,
-                     UnsupportedModelError)
+from .errors import (EngineDeadError, EngineShutdownError, InsufficientMemoryError, ModelNotFoundError,
+                     NBEngineError, UnsupportedModelError)
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -17,4 +17,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Engine", "SamplingParams", "NBEngineError", "EngineDeadError", "EngineShutdownError",
-           "ModelNotFoundError", "UnsupportedModelError", "__version__"]
+           "InsufficientMemoryError", "ModelNotFoundError", "UnsupportedModelError", "__version__"]

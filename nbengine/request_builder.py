@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from .sampling_params import SamplingParams
 from .sequence import LogprobRequest
@@ -29,12 +29,27 @@ class RequestSpec:
 
 @dataclass
 class Limits:
+    """What the engine allows: the numbers every request is checked against."""
+
     vocab_size: int
     context_length: int
-    kv_capacity: int
+    kv_capacity: int  # tokens the KV pool holds
     allow_auto_truncate: bool
     skip_tokenizer_init: bool
     enable_return_hidden_states: bool
+    sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # under each request's params
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt + output of one request: the context length, or less when the KV pool is smaller
+        (a request must be able to finish running alone)."""
+        return min(self.context_length, self.kv_capacity)
+
+    def describe_limit(self) -> str:
+        if self.kv_capacity < self.context_length:
+            return (f"the KV pool's capacity of {self.kv_capacity} tokens (max_total_tokens; the model's context "
+                    f"length is {self.context_length})")
+        return f"the model's maximum context length of {self.context_length} tokens"
 
 
 def build_requests(
@@ -91,7 +106,7 @@ def build_requests(
 
     num = len(ids_list)
     params = _per_prompt(sampling_params, num, "sampling_params")
-    sps = [SamplingParams.from_dict(p) for p in params]
+    sps = [SamplingParams.from_dict(_with_defaults(p, limits.sampling_defaults)) for p in params]
     for sp in sps:
         sp.verify(vocab_size=limits.vocab_size)
         if sp.json_schema is not None or sp.regex is not None or sp.ebnf is not None:
@@ -129,23 +144,37 @@ def build_requests(
 
 
 def _fit_context(ids: list[int], sp: SamplingParams, limits: Limits, idx: int | None) -> tuple[list[int], SamplingParams]:
-    ctx = min(limits.context_length, limits.kv_capacity)
+    """Cap or reject so that prompt + output fit in ``limits.max_request_tokens``; ``max_new_tokens=None``
+    means "as many as fit"."""
+    limit = limits.max_request_tokens
     where = "" if idx is None else f" (prompt {idx})"
-    if len(ids) >= ctx:
+    if len(ids) >= limit:
         if not limits.allow_auto_truncate:
-            raise ValueError(f"The input ({len(ids)} tokens){where} is longer than the model's context length "
-                             f"({ctx} tokens). Shorten the prompt or create the engine with allow_auto_truncate=True.")
-        logger.warning("truncating a %d-token prompt to %d tokens", len(ids), ctx - 1)
-        ids = ids[: ctx - 1]
-    if sp.max_new_tokens is not None and len(ids) + sp.max_new_tokens > ctx:
+            what = (f"the model's context length ({limit} tokens)" if limit == limits.context_length
+                    else limits.describe_limit())
+            raise ValueError(f"The input ({len(ids)} tokens){where} is longer than {what}. Shorten the prompt or "
+                             "create the engine with allow_auto_truncate=True.")
+        logger.warning("truncating a %d-token prompt to %d tokens", len(ids), limit - 1)
+        ids = ids[: limit - 1]
+    if sp.max_new_tokens is None:
+        return ids, dataclasses.replace(sp, max_new_tokens=limit - len(ids))
+    if len(ids) + sp.max_new_tokens > limit:
         if not limits.allow_auto_truncate:
             raise ValueError(
-                f"Requested token count exceeds the model's maximum context length of {ctx} tokens{where}. "
-                f"You requested a total of {len(ids) + sp.max_new_tokens} tokens: {len(ids)} tokens from the input "
-                f"messages and {sp.max_new_tokens} tokens for the completion. Reduce the length of the input or "
-                "max_new_tokens.")
-        sp = dataclasses.replace(sp, max_new_tokens=ctx - len(ids))
+                f"Requested token count exceeds {limits.describe_limit()}{where}. You requested a total of "
+                f"{len(ids) + sp.max_new_tokens} tokens: {len(ids)} tokens from the input messages and "
+                f"{sp.max_new_tokens} tokens for the completion. Reduce the length of the input or max_new_tokens.")
+        sp = dataclasses.replace(sp, max_new_tokens=limit - len(ids))
     return ids, sp
+
+
+def _with_defaults(params: Any, defaults: dict[str, Any]) -> Any:
+    """A request's sampling params dict over the model's defaults (a key set to None takes the default)."""
+    if not defaults or not (params is None or isinstance(params, Mapping)):
+        return params
+    merged = dict(defaults)
+    merged.update({k: v for k, v in (params or {}).items() if not (v is None and k in defaults)})
+    return merged
 
 
 def _as_ids(ids: Any) -> list[int]:
