@@ -68,11 +68,11 @@ def build_requests(
     """Returns the specs (prompt-major, ``i * n + j``) and whether the call was a single prompt."""
     if image_data is not None:
         raise ValueError("image_data was given, but this model has no vision encoder; pass text or input_ids only.")
-    if _any(return_hidden_states):
+    if _any(return_hidden_states, "return_hidden_states"):
         if not limits.enable_return_hidden_states:
             raise ValueError("The engine is not configured to return the hidden states. "
                              "Create it with Engine(..., enable_return_hidden_states=True).")
-        raise NotImplementedError("return_hidden_states is not implemented yet in nbengine.")
+        raise ValueError("return_hidden_states is not implemented yet in nbengine; leave it False.")
     if prompt is None and input_ids is None:
         raise ValueError("Either text, input_ids or input_embeds should be provided.")
     if prompt is not None and input_ids is not None:
@@ -82,18 +82,12 @@ def build_requests(
         if limits.skip_tokenizer_init or tokenizer is None:
             raise ValueError("This engine was created with skip_tokenizer_init=True; pass input_ids instead of prompt.")
         single = isinstance(prompt, str)
+        if not single and not isinstance(prompt, (list, tuple)):
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}.")
         prompts = [prompt] if single else list(prompt)
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a list of strings.")
-        ids_list = []
-        for i, p in enumerate(prompts):
-            if p == "":
-                raise ValueError(f"prompt {i} is empty; give at least one character.")
-            ids_list.append(tokenizer.encode(p))
+        ids_list = [_encode(tokenizer, p, i if not single else None) for i, p in enumerate(prompts)]
     else:
-        first = input_ids[0] if len(input_ids) else None
-        single = first is not None and not isinstance(first, (list, tuple)) and getattr(first, "ndim", 0) == 0
-        ids_list = [_as_ids(input_ids)] if single or len(input_ids) == 0 else [_as_ids(x) for x in input_ids]
+        ids_list, single = _parse_input_ids(input_ids)
     if not ids_list:
         raise ValueError("The prompt list is empty.")
     for i, ids in enumerate(ids_list):
@@ -117,9 +111,9 @@ def build_requests(
     if n > 1:
         single = False
 
-    want_lp = _per_prompt(return_logprob, num, "return_logprob")
-    starts = _per_prompt(logprob_start_len, num, "logprob_start_len")
-    tops = _per_prompt(top_logprobs_num, num, "top_logprobs_num")
+    want_lp = [_flag(v, "return_logprob") for v in _per_prompt(return_logprob, num, "return_logprob")]
+    starts = [_optional_int(v, "logprob_start_len") for v in _per_prompt(logprob_start_len, num, "logprob_start_len")]
+    tops = [_optional_int(v, "top_logprobs_num") for v in _per_prompt(top_logprobs_num, num, "top_logprobs_num")]
     total = num * n
     rids = _rids(rid, total)
 
@@ -177,20 +171,68 @@ def _with_defaults(params: Any, defaults: dict[str, Any]) -> Any:
     return merged
 
 
-def _as_ids(ids: Any) -> list[int]:
-    """A flat list of Python ints (numpy / torch integers accepted; floats and bools refused)."""
+def _encode(tokenizer: Tokenizer, prompt: Any, idx: int | None) -> list[int]:
+    name = "prompt" if idx is None else f"prompt {idx}"
+    if not isinstance(prompt, str):
+        raise TypeError(f"{name} must be a string (a list of prompts holds strings), got {type(prompt).__name__}.")
+    if prompt == "":
+        raise ValueError(f"{name} is empty; give at least one character.")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: {e.reason} at position {e.start} (a lone surrogate); "
+                         "pass text that encodes to UTF-8.") from None
+    return tokenizer.encode(prompt)
+
+
+def _parse_input_ids(input_ids: Any) -> tuple[list[list[int]], bool]:
+    """A flat id list (one prompt) or a list of flat id lists; numpy / torch arrays accepted."""
+    if hasattr(input_ids, "tolist"):
+        input_ids = input_ids.tolist()
+    if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, (list, tuple)):
+        raise TypeError(f"input_ids must be a list of token ids or a list of such lists, "
+                        f"got {type(input_ids).__name__}.")
+    if len(input_ids) == 0:
+        raise ValueError("input_ids cannot be empty.")
+    if not any(isinstance(x, (list, tuple)) or hasattr(x, "tolist") and getattr(x, "ndim", 0) > 0
+               for x in input_ids):
+        return [_as_ids(input_ids, None)], True
+    return [_as_ids(x, i) for i, x in enumerate(input_ids)], False
+
+
+def _as_ids(ids: Any, idx: int | None) -> list[int]:
+    """A flat list of Python ints (numpy / torch integers accepted; floats, bools and deeper nesting refused)."""
+    name = "input_ids" if idx is None else f"input_ids {idx}"
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r}.")
     out = []
     for t in ids:
         if isinstance(t, bool) or not hasattr(t, "__index__"):
-            raise ValueError(f"input_ids must be integers, got {t!r} in {list(ids)[:8]!r}.")
+            raise ValueError(f"{name} must hold integers (one list of token ids per prompt), got {t!r} in "
+                             f"{list(ids)[:8]!r}.")
         out.append(int(t.__index__()))
     return out
 
 
-def _any(value: bool | list[bool]) -> bool:
-    return any(value) if isinstance(value, (list, tuple)) else bool(value)
+def _any(value: Any, name: str) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return any(_flag(v, name) for v in values)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False (or a list of them, one per prompt), got {value!r}.")
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer or None (or a list of them, one per prompt), got {value!r}.")
+    return value
 
 
 def _per_prompt(value: Any, num: int, name: str) -> list[Any]:
@@ -201,11 +243,13 @@ def _per_prompt(value: Any, num: int, name: str) -> list[Any]:
     return [value] * num
 
 
-def _rids(rid: str | list[str] | None, total: int) -> list[str]:
+def _rids(rid: Any, total: int) -> list[str]:
     if rid is None:
         return [uuid.uuid4().hex for _ in range(total)]
     if isinstance(rid, str):
         return [rid] if total == 1 else [f"{rid}_{i}" for i in range(total)]
+    if not isinstance(rid, (list, tuple)) or not all(isinstance(r, str) for r in rid):
+        raise TypeError(f"rid must be a string or a list of strings, got {rid!r}.")
     rids = list(rid)
     if len(rids) != total:
         raise ValueError(f"rid has {len(rids)} entries but the call makes {total} requests.")
