@@ -279,6 +279,8 @@ class EngineCore:
             "max_running_requests": self.scheduler.max_running,
             "chunked_prefill_size": self.scheduler.token_budget,
             "context_length": self.runner.context_length,
+            "vocab_size": self.runner.model_config.vocab_size,
+            "eos_token_ids": list(self.eos_ids),
             "device": str(self.runner.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "architecture": self.runner.model_config.architecture,

@@ -123,32 +123,42 @@ class Sampler:
         logits.index_copy_(0, idx, sub)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        """Draw one token per row; rows that are greedy come out as the argmax. Filtering (top-k/p) and
+        noise only touch the rows that need them."""
         dev = logits.device
         temp = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], device=dev)
         probs = torch.softmax(logits / temp[:, None], dim=-1)
         v = probs.shape[1]
         top_k = [min(s.params.effective_top_k, v) for s in seqs]
         top_p = [s.params.top_p for s in seqs]
-        if any(k < v for k in top_k) or any(p < 1.0 for p in top_p):
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            ranks = torch.arange(v, device=dev)[None, :]
-            drop = ranks >= torch.tensor(top_k, device=dev)[:, None]
+        rows = [i for i, g in enumerate(greedy) if not g and (top_k[i] < v or top_p[i] < 1.0)]
+        if rows:
+            idx = torch.tensor(rows, device=dev)
+            sub = probs.index_select(0, idx)
+            # top-k alone needs only the k best; top-p needs the whole sorted row
+            k_max = max(top_k[i] for i in rows) if all(top_p[i] >= 1.0 for i in rows) else v
+            sorted_p, order = sub.topk(k_max, dim=-1) if k_max < v else sub.sort(dim=-1, descending=True)
+            ranks = torch.arange(sorted_p.shape[1], device=dev)[None, :]
+            drop = ranks >= torch.tensor([top_k[i] for i in rows], device=dev)[:, None]
             before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each candidate
-            drop |= before > torch.tensor(top_p, device=dev)[:, None]
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+            drop |= before > torch.tensor([top_p[i] for i in rows], device=dev)[:, None]
+            kept = torch.zeros_like(sub).scatter_(1, order, sorted_p.masked_fill(drop, 0.0))
+            probs.index_copy_(0, idx, kept)
         min_p = [s.params.min_p for s in seqs]
         if any(m > 0 for m in min_p):
             thresh = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=dev)[:, None]
             probs = probs.masked_fill(probs < thresh, 0.0)
 
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if len(unseeded) == len(seqs):
+        noise = torch.ones_like(probs)
+        seeded = [i for i, g in enumerate(greedy) if not g and seqs[i].generator is not None]
+        shared = [i for i, g in enumerate(greedy) if not g and seqs[i].generator is None]
+        if len(shared) == len(seqs):
             noise.exponential_(generator=self.generator)
-        else:
-            for i, s in enumerate(seqs):
-                noise[i].exponential_(generator=s.generator if s.generator is not None else self.generator)
+        elif shared:
+            idx = torch.tensor(shared, device=dev)
+            noise.index_copy_(0, idx, torch.empty(len(shared), v, device=dev).exponential_(generator=self.generator))
+        for i in seeded:  # a seeded request draws from its own generator: same text in any batch
+            noise[i].exponential_(generator=seqs[i].generator)
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
             g = torch.tensor(greedy, device=dev)

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nbengine.config import ModelConfig
 from nbengine.engine import Engine
 from nbengine.models.llama import LlamaForCausalLM
-from nbengine.sampler import PenaltyCounts, Sampler
+from nbengine.sampler import Sampler
 from nbengine.sampling_params import SamplingParams
 from nbengine.sequence import LogprobRequest, Sequence
 
@@ -57,6 +57,8 @@ def _reference(logits: torch.Tensor, prompt: list[int], output: list[int], p: Sa
 
 
 def test_penalties_are_running_counts_built_once_and_updated_with_each_token(monkeypatch):
+    from nbengine.sampler import PenaltyCounts
+
     builds = []
     original_init = PenaltyCounts.__init__
 

@@ -466,11 +466,11 @@ def test_detokenizer_holds_back_a_possible_stop_string(real_tok):
 
 def test_engine_stream_never_shows_half_a_character(default_model_dir, real_tok):
     # the default model answers this with emoji, each made of several byte-fragment tokens
-    prompt = real_tok.apply_chat_template([{"role": "user", "content": "Write three emojis about the sun."}])
+    ids = real_tok.apply_chat_template([{"role": "user", "content": "Write three emojis about the sun."}], tokenize=True)
     params = {"temperature": 0, "max_new_tokens": 24}
     with Engine(str(default_model_dir), random_seed=0) as engine:
-        final = engine.generate(prompt, params)
-        chunks = list(engine.generate(prompt, params, stream=True))
+        final = engine.generate(input_ids=ids, sampling_params=params)
+        chunks = list(engine.generate(input_ids=ids, sampling_params=params, stream=True))
     ids = final["output_ids"]
     assert sum(real_tok.decode([i]) == "\ufffd" for i in ids) >= 4, "the answer has no multi-token characters"
     assert final["text"] == real_tok.decode(ids)
