@@ -226,16 +226,19 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - the caller gets the error instead of waiting forever
             logger.exception("could not build the output of request %s; ending it", seq.rid)
             out = e
-        if isinstance(out, Exception) and seq.rid in self.seqs:
-            self.scheduler.remove(seq)
-            self.seqs.pop(seq.rid, None)
+        if isinstance(out, Exception):
+            self._drop(seq)
         try:
             seq.emit(out)
         except Exception:  # noqa: BLE001 - a caller whose loop closed must not kill the engine
             logger.warning("could not deliver output of request %s; aborting it", seq.rid, exc_info=True)
-            if seq.rid in self.seqs:
-                self.scheduler.remove(seq)
-                self.seqs.pop(seq.rid, None)
+            self._drop(seq)
+
+    def _drop(self, seq: Sequence) -> None:
+        """Forget a live request without answering it again (its caller got an error or is gone)."""
+        if self.seqs.get(seq.rid) is seq:
+            self.scheduler.remove(seq)
+            del self.seqs[seq.rid]
 
     def make_output(self, seq: Sequence) -> RequestOutput:
         """A snapshot of the request for its caller; costs the same whatever the length of the output."""

@@ -174,7 +174,7 @@ def _with_defaults(params: Any, defaults: dict[str, Any]) -> Any:
 def _encode(tokenizer: Tokenizer, prompt: Any, idx: int | None) -> list[int]:
     name = "prompt" if idx is None else f"prompt {idx}"
     if not isinstance(prompt, str):
-        raise TypeError(f"{name} must be a string (a list of prompts holds strings), got {type(prompt).__name__}.")
+        raise ValueError(f"{name} must be a string (a list of prompts holds strings), got {type(prompt).__name__}.")
     if prompt == "":
         raise ValueError(f"{name} is empty; give at least one character.")
     try:

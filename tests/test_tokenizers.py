@@ -107,6 +107,7 @@ def test_stop_string_is_held_back_on_both_vocabularies(model_dir):
             break
     assert detok.matched_stop == "THE END" and detok.text == " and they lived. "
     assert all("THE" not in v for v in shown)
+    assert all(detok.text.startswith(v) for v in shown)
 
 
 def test_special_tokens_are_skipped_in_text_unless_asked(llm):
