@@ -151,7 +151,11 @@ def idle_after(llm):
 # ------------------------------------------------------------ the four modes (default model)
 async def test_four_modes_agree_on_the_default_model(default_llm):
     llm = default_llm
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = llm.tokenizer.apply_chat_template(messages)
+    # a text prompt on purpose (stream_and_merge takes text); SmolLM2's tokenizer adds no BOS of its own,
+    # so the text encodes to exactly the ids apply_chat_template(tokenize=True) gives
+    assert llm.tokenizer.encode(prompt) == llm.tokenizer.apply_chat_template(messages, tokenize=True)
     params = {"temperature": 0, "max_new_tokens": 10}
 
     sync_out = llm.generate(prompt, params)
