@@ -58,6 +58,8 @@ def _mostly(usual: st.SearchStrategy, rare: st.SearchStrategy, one_in: int = 6) 
 _floats = lambda lo, hi: st.floats(min_value=lo, max_value=hi)  # noqa: E731
 _ints = lambda lo, hi: st.integers(min_value=lo, max_value=hi)  # noqa: E731
 _flags = st.booleans()
+nasty = st.sampled_from([5, -1, 10**400, float("nan"), float("inf"), [1, 2], ["a", 3], {"a": 1}, {1: "x"}, "x",
+                         b"\xff", True, (), object()])  # values of the wrong type or beyond any range
 _SAMPLING_PLAUSIBLE = {  # per key: values of its own type, in range or just out of it
     "max_new_tokens": _ints(-1, 40) | st.none() | st.just(5000), "min_new_tokens": _ints(-1, 10),
     "temperature": _floats(-0.5, 3), "top_p": _floats(-0.1, 1.2), "top_k": _ints(-2, 100), "min_p": _floats(-0.1, 1.1),
@@ -71,7 +73,7 @@ _SAMPLING_PLAUSIBLE = {  # per key: values of its own type, in range or just out
     "logit_bias": st.dictionaries(_ints(-1, VOCAB) | _ints(0, 100).map(str), _floats(-10, 10), max_size=3),
 }
 known_sampling = st.lists(st.sampled_from(SAMPLING_KEYS).flatmap(
-    lambda k: st.tuples(st.just(k), _mostly(_SAMPLING_PLAUSIBLE[k], values))), max_size=5).map(dict)
+    lambda k: st.tuples(st.just(k), _mostly(_SAMPLING_PLAUSIBLE[k], nasty | values, one_in=3))), max_size=5).map(dict)
 sampling_dicts = _mostly(known_sampling, st.dictionaries(st.text(max_size=10), values, min_size=1, max_size=3))
 sampling_params = st.one_of(st.none(), sampling_dicts, sampling_dicts, st.lists(sampling_dicts, min_size=1, max_size=3),
                             values)
@@ -216,7 +218,7 @@ def _plausible(name: str) -> st.SearchStrategy:
         own = _PLAUSIBLE[name]
     else:
         own = st.booleans() if name in _BOOLS else small_ints | st.none()
-    return _mostly(own, scalars)
+    return _mostly(own, nasty | scalars)
 
 
 known_args = st.lists(st.sampled_from(ENGINE_ARG_NAMES).flatmap(lambda n: st.tuples(st.just(n), _plausible(n))),
