@@ -76,8 +76,7 @@ class ModelRunner:
             tokens = cfg.max_total_tokens
             check_explicit_pool(reading, tokens, per_token)
         else:
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            tokens = kv_pool_tokens(reading, bytes_per_token=per_token, weights_bytes=weights,
+            tokens = kv_pool_tokens(reading, bytes_per_token=per_token, weights_bytes=_module_bytes(self.model),
                                     fraction=cfg.mem_fraction_static, min_tokens=min(self.context_length, 2048),
                                     cap_tokens=self.max_running * self.context_length)
         pages = max(2, tokens // cfg.page_size + 1)
@@ -184,3 +183,11 @@ def _input_logprob_positions(it: ScheduledSeq) -> tuple[int, int]:
     lo = max(it.start, first, seq.input_lp_pos)
     hi = min(it.start + it.num_tokens, len(seq.prompt_ids) - 1)
     return (lo, hi) if hi > lo else (0, 0)
+
+
+def _module_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (a tied weight counted once)."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
