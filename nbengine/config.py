@@ -111,6 +111,9 @@ class EngineConfig:
             raise ValueError(f"chunked_prefill_size must be -1 (off) or positive, got {self.chunked_prefill_size}.")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}.")
+        cores = os.cpu_count() or 1
+        if self.num_threads is not None and self.num_threads > cores:  # more would only oversubscribe the cores
+            raise ValueError(f"num_threads must be in [1, {cores}] (the CPU count), got {self.num_threads}.")
         if self.random_seed is not None and not 0 <= self.random_seed < 2**63:
             raise ValueError(f"random_seed must be in [0, 2**63), got {self.random_seed}.")
         if self.schedule_policy not in _SCHEDULE_POLICIES:
