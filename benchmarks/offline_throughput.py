@@ -53,11 +53,12 @@ def device_name(device: str) -> str:
     return f"{name} ({os.cpu_count()} cores)"
 
 
-def make_prompts(tokenizer_encode, chat, n: int, input_len: int | None, vocab: int, seed: int) -> list[list[int]]:
+def make_prompts(chat_ids, n: int, input_len: int | None, vocab: int, seed: int) -> list[list[int]]:
+    """``chat_ids(question)``: the question's chat-templated token ids."""
     rng = random.Random(seed)
     if input_len:
         return [[rng.randrange(100, vocab - 100) for _ in range(input_len)] for _ in range(n)]
-    return [tokenizer_encode(chat(QUESTIONS[i % len(QUESTIONS)])) for i in range(n)]
+    return [chat_ids(QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
 
 
 def run_nbengine(args, prompts: list[list[int]], quantization: str | None = "auto") -> dict:
@@ -168,12 +169,15 @@ def main() -> None:
     if "llamacpp" in backends and gguf is None:
         ap.error("the llamacpp backend needs a GGUF model (the default model, or --model some.gguf)")
     tok = Tokenizer(model_dir)
-    chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}])  # noqa: E731
+
+    def chat_ids(question: str) -> list[int]:
+        return tok.apply_chat_template([{"role": "user", "content": question}], tokenize=True)
+
     shapes = [(args.num_prompts, args.output_len or 64)] if args.num_prompts else [(1, 128), (32, 64), (64, 128)]
     rows = []
     for num, out_len in shapes:
         a = argparse.Namespace(**{**vars(args), "num_prompts": num, "output_len": out_len})
-        prompts = make_prompts(tok.encode, chat, num, args.input_len, tok.vocab_size, seed=0)
+        prompts = make_prompts(chat_ids, num, args.input_len, tok.vocab_size, seed=0)
         res: dict[str, dict] = {}
         for _ in range(args.repeat):
             for b in backends:
@@ -190,7 +194,7 @@ def main() -> None:
                      **res, "ratios": ratios})
     latency = {}
     if not args.no_latency and "nbengine" in backends:
-        prompt30 = (tok.encode(chat(QUESTIONS[0])) * 30)[:30]
+        prompt30 = (chat_ids(QUESTIONS[0]) * 30)[:30]
         latency["nbengine_first_token_s"] = nbengine_first_token_s(args, prompt30)
         starts = [r["nbengine"]["engine_start_s"] for r in rows]
         latency["nbengine_engine_start_s"] = min(starts)

@@ -24,7 +24,7 @@ def one(mode: str, batch: int, out_len: int) -> float:
 
     with Engine(random_seed=0, max_running_requests=max(batch, 1)) as llm:
         tok = llm.tokenizer
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]))
+        ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=True)
         sp = {"temperature": 0, "max_new_tokens": out_len, "ignore_eos": True}
         llm.generate(input_ids=[ids] * batch, sampling_params=sp)
         best = 0.0

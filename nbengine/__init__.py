@@ -2,8 +2,8 @@
 
 import sys as _sys
 
-from .errors import (EngineDeadError, EngineShutdownError, ModelNotFoundError, NBEngineError,
-                     UnsupportedModelError)
+from .errors import (EngineDeadError, EngineShutdownError, InsufficientMemoryError, ModelNotFoundError,
+                     NBEngineError, UnsupportedModelError)
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -38,4 +38,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Engine", "SamplingParams", "NBEngineError", "EngineDeadError", "EngineShutdownError",
-           "ModelNotFoundError", "UnsupportedModelError", "__version__"]
+           "InsufficientMemoryError", "ModelNotFoundError", "UnsupportedModelError", "__version__"]

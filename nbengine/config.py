@@ -5,19 +5,55 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .sampling_params import SamplingParams
+
 logger = logging.getLogger("nbengine")
 
 _SCHEDULE_POLICIES = ("fcfs",)
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SAMPLING_DEFAULTS = ("model", "openai")
+_MAX_PAGE_SIZE = 1024
+
+# The type of each engine argument: (kind, None allowed). "int" refuses bools; "number" takes ints and floats.
+_ARG_KINDS: dict[str, tuple[str, bool]] = {
+    "model_path": ("path", True), "tokenizer_path": ("path", True), "dtype": ("str", False),
+    "device": ("str", False), "context_length": ("int", True), "max_running_requests": ("int", True),
+    "max_total_tokens": ("int", True), "mem_fraction_static": ("number", True),
+    "chunked_prefill_size": ("int", True), "page_size": ("int", False), "schedule_policy": ("str", False),
+    "disable_radix_cache": ("bool", False), "disable_cuda_graph": ("bool", False),
+    "cuda_graph_max_bs": ("int", True), "random_seed": ("int", True), "tp_size": ("int", False),
+    "dp_size": ("int", False), "enable_return_hidden_states": ("bool", False),
+    "skip_tokenizer_init": ("bool", False), "log_level": ("str", True),
+    "incremental_streaming_output": ("bool", False), "allow_auto_truncate": ("bool", False),
+    "stream_interval": ("int", False), "trust_remote_code": ("bool", False), "num_threads": ("int", True),
+    "sampling_defaults": ("str", False), "quantization": ("str", True),
+}
+_KIND_NAMES = {"path": "a string path", "str": "a string", "int": "an integer", "number": "a number",
+               "bool": "True or False"}
+
+# Accepted for SGLang compatibility but not built yet: (the default, what setting it does today).
+# Setting one to another value logs one warning per process. Remove an entry when its feature lands.
+NOT_BUILT_YET: dict[str, tuple[Any, str]] = {
+    "trust_remote_code": (False, "nbengine runs its own code for the supported architectures and never runs "
+                                 "code from the model folder"),
+    "disable_cuda_graph": (False, "nbengine does not capture CUDA graphs yet"),
+    "cuda_graph_max_bs": (None, "nbengine does not capture CUDA graphs yet"),
+    "disable_radix_cache": (True, "prefix caching is not built yet, so the radix cache stays off"),
+}
+_warned_not_built: set[str] = set()
 
 
 @dataclass
 class EngineConfig:
-    """Everything ``Engine(...)`` accepts. Unknown names raise ``TypeError``; bad values ``ValueError``."""
+    """Everything ``Engine(...)`` accepts. Unknown names and wrong types raise ``TypeError``; bad values
+    ``ValueError``; each message names the argument."""
 
     model_path: str | None = None
     tokenizer_path: str | None = None
@@ -26,7 +62,7 @@ class EngineConfig:
     context_length: int | None = None
     max_running_requests: int | None = None
     max_total_tokens: int | None = None
-    mem_fraction_static: float | None = None
+    mem_fraction_static: float | None = None  # weights + KV pool, as a fraction of memory (see memory.py)
     chunked_prefill_size: int | None = None
     page_size: int = 16
     schedule_policy: str = "fcfs"
@@ -45,6 +81,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     num_threads: int | None = None
     quantization: str | None = "auto"  # see nbengine.quantization: auto, none/None, q8_0, q4_1
+    sampling_defaults: str = "model"  # "model": generation_config.json's sampling values; "openai": SGLang's own
 
     @classmethod
     def from_kwargs(cls, model_path: str | None, kwargs: dict[str, Any]) -> "EngineConfig":
@@ -53,17 +90,21 @@ class EngineConfig:
         if "stream_output" in kwargs:
             kwargs = dict(kwargs)
             kwargs["incremental_streaming_output"] = kwargs.pop("stream_output")
-        unknown = sorted(k for k in kwargs if k not in known)
+        unknown = sorted(str(k) for k in kwargs if k not in known)
         if unknown:
             raise TypeError(f"Unknown engine argument(s) {unknown}; allowed names are {sorted(known)}.")
         return cls(model_path=model_path, **kwargs)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got {self.dtype!r}.")
-        if self.page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {self.page_size}.")
-        for name in ("context_length", "max_running_requests", "max_total_tokens", "cuda_graph_max_bs"):
+        self._check_types()
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
+        if self.device != "auto" and not _is_device_name(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}.")
+        if not 1 <= self.page_size <= _MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be in [1, {_MAX_PAGE_SIZE}], got {self.page_size}.")
+        for name in ("context_length", "max_running_requests", "max_total_tokens", "cuda_graph_max_bs",
+                     "num_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
@@ -71,6 +112,11 @@ class EngineConfig:
             raise ValueError(f"chunked_prefill_size must be -1 (off) or positive, got {self.chunked_prefill_size}.")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}.")
+        cores = os.cpu_count() or 1
+        if self.num_threads is not None and self.num_threads > cores:  # more would only oversubscribe the cores
+            raise ValueError(f"num_threads must be in [1, {cores}] (the CPU count), got {self.num_threads}.")
+        if self.random_seed is not None and not 0 <= self.random_seed < 2**63:
+            raise ValueError(f"random_seed must be in [0, 2**63), got {self.random_seed}.")
         if self.schedule_policy not in _SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {_SCHEDULE_POLICIES}, got {self.schedule_policy!r}.")
         if self.tp_size != 1 or self.dp_size != 1:
@@ -80,9 +126,45 @@ class EngineConfig:
         from .quantization import validate_quantization
 
         validate_quantization(self.quantization)
-        level = logging.getLevelName(str(self.log_level).upper()) if self.log_level is not None else 0
+        if self.sampling_defaults not in _SAMPLING_DEFAULTS:
+            raise ValueError(f"sampling_defaults must be one of {_SAMPLING_DEFAULTS}, got {self.sampling_defaults!r}.")
+        level = logging.getLevelName(self.log_level.upper()) if self.log_level is not None else 0
         if not isinstance(level, int):
             raise ValueError(f"log_level must be one of debug, info, warning, error, got {self.log_level!r}.")
+
+    def _check_types(self) -> None:
+        for name, (kind, nullable) in _ARG_KINDS.items():
+            value = getattr(self, name)
+            if value is None and nullable:
+                continue
+            if kind == "path":
+                ok = isinstance(value, (str, os.PathLike))
+            elif kind == "str":
+                ok = isinstance(value, str)
+            elif kind == "bool":
+                ok = isinstance(value, bool)
+            elif kind == "int":
+                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok:
+                raise TypeError(f"{name} must be {_KIND_NAMES[kind]}{' or None' if nullable else ''}, "
+                                f"got {value!r} ({type(value).__name__}).")
+            if kind == "int":
+                setattr(self, name, int(value))
+
+    def warn_not_built(self) -> None:
+        """One warning per process for each accepted-but-not-built argument set to a non-default value."""
+        for name, (default, effect) in NOT_BUILT_YET.items():
+            value = getattr(self, name)
+            if value != default and name not in _warned_not_built:
+                _warned_not_built.add(name)
+                logger.warning("%s=%r has no effect: %s.", name, value, effect)
+
+
+def _is_device_name(name: str) -> bool:
+    kind, _, index = name.partition(":")
+    return kind in ("cpu", "cuda") and (index == "" or (kind == "cuda" and index.isdigit()))
 
 
 @dataclass
@@ -137,30 +219,47 @@ class ModelConfig:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", arch.startswith("Qwen2")),
             qk_norm=arch.startswith("Qwen3"),
-            rope_scaling=cfg.get("rope_scaling") or _rope_params_scaling(cfg.get("rope_parameters")),
+            rope_scaling=rope_scaling_of(cfg),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             raw=cfg,
         )
 
 
-def check_architecture(model_dir: str | os.PathLike) -> None:
-    """Fail fast, before the tokenizer and weights load, on a model we have no implementation for."""
-    from .errors import UnsupportedModelError
-    from .models import get_model_class
-
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    archs = cfg.get("architectures") or []
-    if not archs:
-        from .models import MODEL_REGISTRY
-
-        raise UnsupportedModelError(f"{Path(model_dir) / 'config.json'} names no architectures; supported "
-                                    f"architectures: {sorted(MODEL_REGISTRY)}.")
-    get_model_class(archs[0])  # raises UnsupportedModelError listing the supported ones
-
-
-def _rope_params_scaling(params: dict[str, Any] | None) -> dict[str, Any] | None:
-    """transformers 5 stores rope scaling in ``rope_parameters``; 'default' means none."""
+def rope_scaling_of(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The rope scaling dict of an HF config: ``rope_scaling``, or transformers 5's ``rope_parameters``
+    (where rope_type 'default' means none)."""
+    if cfg.get("rope_scaling"):
+        return cfg["rope_scaling"]
+    params = cfg.get("rope_parameters")
     if not params or params.get("rope_type", "default") == "default":
         return None
     return params
+
+
+# generation_config.json keys that become default sampling params (the ones SGLang and vLLM read)
+_GENERATION_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def model_sampling_defaults(folder: str | os.PathLike) -> dict[str, Any]:
+    """The sampling values a model folder's ``generation_config.json`` recommends, as sampling params.
+
+    With ``sampling_defaults="model"`` they replace SGLang's defaults for the keys a request leaves
+    out. HF's ``top_k=0`` (off) becomes ``-1``; a value our sampler would reject is skipped with a warning.
+    """
+    path = Path(folder) / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(gen, dict):
+        return {}
+    defaults = {k: gen[k] for k in _GENERATION_SAMPLING_KEYS if gen.get(k) is not None}
+    if defaults.get("top_k") == 0:
+        defaults["top_k"] = -1
+    for key in list(defaults):
+        try:
+            SamplingParams.from_dict({key: defaults[key]})
+        except (TypeError, ValueError) as e:
+            logger.warning("ignoring %s=%r from %s: %s", key, defaults.pop(key), path, e)
+    return defaults

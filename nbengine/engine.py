@@ -7,14 +7,17 @@ import logging
 import queue
 import time
 import weakref
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from . import hooks
-from .config import EngineConfig, check_architecture
+from .config import EngineConfig, model_sampling_defaults
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
 from .loader.resolve import resolve_model_path
-from .requests import Limits, RequestSpec, build_requests
+from .models import check_architecture
+from .request_builder import Limits, RequestSpec, build_requests
+from .request_output import RequestOutput
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -33,11 +36,13 @@ class Engine:
     def __init__(self, model_path: str | None = None, **engine_args: Any) -> None:
         self.config = EngineConfig.from_kwargs(model_path, engine_args)
         _configure_logging(self.config.log_level)
+        self.config.warn_not_built()
         t0 = time.perf_counter()
         self.model_dir = resolve_model_path(model_path)
         check_architecture(self.model_dir)
-        self.tokenizer = None if self.config.skip_tokenizer_init else Tokenizer(
-            self.config.tokenizer_path or self.model_dir)
+        self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
+            self.config.tokenizer_path, self.model_dir)
+        defaults = model_sampling_defaults(self.model_dir) if self.config.sampling_defaults == "model" else {}
         self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
         info = self._thread.call(self._thread.live_core().info)
         self._limits = Limits(
@@ -47,6 +52,7 @@ class Engine:
             allow_auto_truncate=self.config.allow_auto_truncate,
             skip_tokenizer_init=self.config.skip_tokenizer_init,
             enable_return_hidden_states=self.config.enable_return_hidden_states,
+            sampling_defaults=defaults,
         )
         self._device = f'{info["device"]}, {info["dtype"]}'
         self._finalizer = weakref.finalize(self, self._thread.stop)
@@ -65,7 +71,7 @@ class Engine:
         if stream:
             return self._sync_stream(specs, single)
         q: queue.Queue = queue.Queue()
-        rids = self._submit(specs, single, stream=False, emit=lambda i: lambda out: q.put((i, out)))
+        rids = self._submit(specs, single, stream=False, emit=_queue_emit(q))
         results: list[dict | None] = [None] * len(specs)
         progress = hooks.batch_started(len(specs)) if not single else None
         try:
@@ -116,7 +122,7 @@ class Engine:
 
     def _sync_stream(self, specs: list[RequestSpec], single: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
-        rids = self._submit(specs, single, stream=True, emit=lambda i: lambda out: q.put((i, out)))
+        rids = self._submit(specs, single, stream=True, emit=_queue_emit(q))
         done = 0
         try:
             while done < len(specs):
@@ -152,12 +158,16 @@ class Engine:
                 pass
 
     def get_server_info(self) -> dict[str, Any]:
-        """Model, device, KV pool size and usage, running/waiting counts, and the engine args."""
+        """Model, device, KV pool size and usage, running/waiting counts, and the engine args.
+
+        Each key has one meaning: the pool's size is ``max_total_num_tokens`` (the ``max_total_tokens``
+        argument only asks for it), and runtime values replace the arguments they resolve."""
         from . import __version__
 
         info = self._thread.call(self._thread.live_core().info)
-        return {**{k: v for k, v in vars(self.config).items()}, "model_path": str(self.model_dir),
-                **info, "version": __version__}
+        args = {k: v for k, v in vars(self.config).items() if k != "max_total_tokens"}
+        return {**args, "model_path": str(self.model_dir), **info,
+                "default_sampling_params": dict(self._limits.sampling_defaults), "version": __version__}
 
     def shutdown(self) -> None:
         """Stop the engine thread and free its model and KV memory. Safe to call twice."""
@@ -207,45 +217,70 @@ class Engine:
             try:
                 i, out = q.get(timeout=_POLL)
             except queue.Empty:
-                self._check_alive()
+                self._thread.check()
                 continue
-            if isinstance(out, BaseException):
-                raise out
-            return i, out
+            return i, _as_output(out)
 
     async def _get_async(self, q: asyncio.Queue) -> tuple[int, dict]:
         while True:
             try:
                 i, out = await asyncio.wait_for(q.get(), _POLL)
             except asyncio.TimeoutError:
-                self._check_alive()
+                self._thread.check()
                 continue
-            if isinstance(out, BaseException):
-                raise out
-            return i, out
+            return i, _as_output(out)
 
-    def _check_alive(self) -> None:
-        if not self._thread.thread.is_alive() and self._thread.dead is None and not self._thread.stopped:
-            raise EngineDeadError("The engine thread stopped unexpectedly; create a new Engine.")
-        self._thread.check()
+
+def _as_output(out: RequestOutput | BaseException) -> dict:
+    """The user's dict, built here on the caller's thread; an error for this request is raised."""
+    if isinstance(out, BaseException):
+        raise out
+    return out.to_dict()
+
+
+def _queue_emit(q: queue.Queue):
+    """For request ``i`` of a call, the callback that hands its outputs to a waiting thread."""
+    def for_index(i: int):
+        def emit(out: RequestOutput | BaseException) -> None:
+            q.put((i, out))
+        return emit
+    return for_index
 
 
 def _async_emit(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
+    """For request ``i`` of a call, the callback that hands its outputs to a waiting event loop."""
     def for_index(i: int):
-        def emit(out: Any) -> None:
+        def emit(out: RequestOutput | BaseException) -> None:
             loop.call_soon_threadsafe(q.put_nowait, (i, out))
         return emit
     return for_index
 
 
+def _load_tokenizer(tokenizer_path: Any, model_dir: Any) -> Tokenizer:
+    folder = Path(tokenizer_path or model_dir)
+    if tokenizer_path is not None and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"tokenizer_path {str(tokenizer_path)!r} is not a folder with a tokenizer.json or "
+                         "tokenizer_config.json; pass a tokenizer folder or leave it unset.")
+    return Tokenizer(folder)
+
+
 def _configure_logging(level: str | None) -> None:
-    """Set the "nbengine" logger's level only when asked (or when nobody set it), add a handler once."""
+    """Set the "nbengine" logger's level only when asked (or when nobody set it). Lines are printed once:
+    through the application's logging when it configured the root logger, else through our own handler
+    (then not passed on to the root, or they would print twice once the root gets a handler)."""
     log = logging.getLogger("nbengine")
     if level is not None:
         log.setLevel(level.upper())
     elif log.level == logging.NOTSET:
         log.setLevel(logging.WARNING)
-    if not log.handlers:
+    ours = [h for h in log.handlers if getattr(h, "_nbengine", False)]
+    if logging.getLogger().handlers:
+        for h in ours:
+            log.removeHandler(h)
+        log.propagate = True
+    elif not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[nbengine %(levelname)s] %(message)s"))
+        handler._nbengine = True  # type: ignore[attr-defined]
         log.addHandler(handler)
+        log.propagate = False

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
-from .sampler import Sampler
+from .request_output import RequestOutput
+from .sampler import SampleResult, Sampler
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
@@ -48,6 +49,10 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.num_finished = 0
         self.last_gen_throughput = 0.0  # tokens sampled per second in the latest step
+        # one request may not run past the context length, nor past what the KV pool holds
+        self.max_request_tokens = min(self.runner.context_length, self.pool.capacity_tokens)
+        # fault injection for tests: called as fault_hook(site, seqs) at "runner", "sampler", "detokenizer"
+        self.fault_hook: Callable[[str, list[Sequence]], None] | None = None
 
     # --------------------------------------------------------------- intake
     def add(self, seqs: list[Sequence]) -> None:
@@ -96,27 +101,68 @@ class EngineCore:
 
     # ----------------------------------------------------------------- step
     def step(self) -> None:
+        """One step. An error in the scheduler or the model runner propagates (the engine thread dies:
+        the model and KV state can't be trusted); an error tied to one request ends only that request."""
         items = self.scheduler.schedule()
+        for seq in self.scheduler.take_dropped():
+            self._finish(seq, {"type": "abort", "message": (
+                f"the request needs more KV slots ({seq.num_tokens + 1}) than the pool holds "
+                f"({self.pool.capacity_tokens}); raise max_total_tokens or shorten it")})
         if not items:
             return
         t0 = time.perf_counter()
+        self._fault("runner", [it.seq for it in items])
         out, items = self.runner.run(items)
         for it in items:
             it.seq.num_computed += it.num_tokens
         for it, (r0, n, pos) in zip(items, out.input_rows):
             if n:
-                self._input_logprobs(it.seq, pos, out.logits[r0 : r0 + n])
-        sampling = [(it, r) for it, r in zip(items, out.sample_rows) if r >= 0]
+                self._guarded(it.seq, self._input_logprobs, it.seq, pos, out.logits[r0 : r0 + n])
+        sampling = [(it.seq, r) for it, r in zip(items, out.sample_rows) if r >= 0 and not it.seq.finished]
         if not sampling:
             return
-        seqs = [it.seq for it, _ in sampling]
-        rows = torch.tensor([r for _, r in sampling], device=out.logits.device)
-        result = self.sampler(out.logits.index_select(0, rows), seqs)
-        self.last_gen_throughput = len(seqs) / max(time.perf_counter() - t0, 1e-9)
-        for i, seq in enumerate(seqs):
-            lp = result.logprobs[i] if result.logprobs is not None else None
-            top = result.top[i] if result.top is not None else None
-            self._append(seq, result.tokens[i], lp, top)
+        sampled = self._sample(out.logits, sampling)
+        self.last_gen_throughput = len(sampled) / max(time.perf_counter() - t0, 1e-9)
+        for seq, token, lp, top in sampled:
+            self._guarded(seq, self._append, seq, token, lp, top)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[tuple[Sequence, int]]) -> list[tuple]:
+        """``(seq, token, logprob, top)`` for each sampling row. When the batch fails, each row is sampled
+        alone so that only the request at fault ends."""
+        try:
+            return _rows(self._sample_rows(logits, sampling), sampling)
+        except Exception:  # noqa: BLE001 - find the request(s) at fault below
+            if len(sampling) > 1:
+                logger.warning("sampling a batch of %d failed; sampling its rows one by one", len(sampling))
+        done = []
+        for one in sampling:
+            try:
+                done += _rows(self._sample_rows(logits, [one]), [one])
+            except Exception as e:  # noqa: BLE001 - this request's parameters broke the sampler
+                self._fail(one[0], "sampling", e)
+        return done
+
+    def _sample_rows(self, logits: torch.Tensor, sampling: list[tuple[Sequence, int]]) -> SampleResult:
+        seqs = [seq for seq, _ in sampling]
+        self._fault("sampler", seqs)
+        rows = torch.tensor([r for _, r in sampling], device=logits.device)
+        return self.sampler(logits.index_select(0, rows), seqs)
+
+    def _guarded(self, seq: Sequence, fn: Callable[..., None], *args: Any) -> None:
+        """Run one request's own work; an error there ends that request only."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self._fail(seq, fn.__name__.strip("_"), e)
+
+    def _fail(self, seq: Sequence, where: str, error: Exception) -> None:
+        logger.error("request %s failed in %s; ending it", seq.rid, where, exc_info=error)
+        if seq.finish_reason is None:
+            self._finish(seq, _internal_error(where, error))
+
+    def _fault(self, site: str, seqs: list[Sequence]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(site, seqs)
 
     def _input_logprobs(self, seq: Sequence, lo: int, logits: torch.Tensor) -> None:
         """Logits of prompt positions ``lo, lo+1, ...`` score prompt tokens ``lo+1, lo+2, ...``."""
@@ -138,12 +184,13 @@ class EngineCore:
             self._finish(seq, {"type": "length", "length": 0})
             return
         seq.output_ids.append(token)
-        if lp is not None:
+        if seq.logprob.return_logprob:
             seq.output_token_logprobs.append((lp, token, None))
-            if top is not None and seq.logprob.top_logprobs_num > 0:
+            if seq.logprob.top_logprobs_num > 0:
                 seq.output_top_logprobs.append([(v, t, None) for v, t in top])
         is_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
         if seq.detok is not None and (not is_stop_token or p.no_stop_trim):
+            self._fault("detokenizer", [seq])
             seq.detok.add(token)
         n_out = len(seq.output_ids)
         if is_stop_token:
@@ -152,7 +199,7 @@ class EngineCore:
             self._finish(seq, {"type": "stop", "matched": seq.detok.matched_stop})
         elif p.max_new_tokens is not None and n_out >= p.max_new_tokens:
             self._finish(seq, {"type": "length", "length": p.max_new_tokens})
-        elif seq.num_tokens >= self.runner.context_length:
+        elif seq.num_tokens >= self.max_request_tokens:
             self._finish(seq, {"type": "length", "length": n_out})
         elif seq.stream:
             interval = p.stream_interval or self.config.stream_interval
@@ -160,25 +207,41 @@ class EngineCore:
                 self._emit(seq)
 
     def _finish(self, seq: Sequence, reason: dict[str, Any], registered: bool = True) -> None:
+        if seq.detok is not None and reason["type"] != "abort":
+            try:
+                seq.detok.flush()
+            except Exception as e:  # noqa: BLE001 - still finish (and answer) the request
+                logger.error("request %s failed in the detokenizer; ending it", seq.rid, exc_info=e)
+                reason = _internal_error("detokenizer", e)
         seq.finish_reason = reason
         if registered:
             self.scheduler.remove(seq)
             self.seqs.pop(seq.rid, None)
             self.num_finished += 1
-        if seq.detok is not None and reason["type"] != "abort":
-            seq.detok.flush()
         self._emit(seq)
 
     def _emit(self, seq: Sequence) -> None:
         try:
-            seq.emit(self.make_output(seq))
+            out: RequestOutput | Exception = self.make_output(seq)
+        except Exception as e:  # noqa: BLE001 - the caller gets the error instead of waiting forever
+            logger.exception("could not build the output of request %s; ending it", seq.rid)
+            out = e
+        if isinstance(out, Exception):
+            self._drop(seq)
+        try:
+            seq.emit(out)
         except Exception:  # noqa: BLE001 - a caller whose loop closed must not kill the engine
             logger.warning("could not deliver output of request %s; aborting it", seq.rid, exc_info=True)
-            if seq.rid in self.seqs:
-                self.scheduler.remove(seq)
-                self.seqs.pop(seq.rid, None)
+            self._drop(seq)
 
-    def make_output(self, seq: Sequence) -> dict[str, Any]:
+    def _drop(self, seq: Sequence) -> None:
+        """Forget a live request without answering it again (its caller got an error or is gone)."""
+        if self.seqs.get(seq.rid) is seq:
+            self.scheduler.remove(seq)
+            del self.seqs[seq.rid]
+
+    def make_output(self, seq: Sequence) -> RequestOutput:
+        """A snapshot of the request for its caller; costs the same whatever the length of the output."""
         incremental = self.config.incremental_streaming_output and seq.stream
         finished = seq.finish_reason is not None
         text = None
@@ -186,33 +249,20 @@ class EngineCore:
             full = seq.detok.text if finished else seq.detok.visible
             text = full[seq.last_emitted_text :] if incremental else full
             seq.last_emitted_text = len(full)
-        ids = seq.output_ids[seq.last_emitted_tokens :] if incremental else list(seq.output_ids)
         n_before = seq.last_emitted_tokens
         seq.last_emitted_tokens = len(seq.output_ids)
-        meta: dict[str, Any] = {
-            "id": seq.rid,
-            "finish_reason": seq.finish_reason,
-            "prompt_tokens": len(seq.prompt_ids),
-            "completion_tokens": len(seq.output_ids),
-            "cached_tokens": 0,
-        }
-        if finished:
-            meta["e2e_latency"] = time.perf_counter() - seq.arrival
-        if seq.num_preemptions:
-            meta["num_retractions"] = seq.num_preemptions
-        if seq.logprob.return_logprob:
-            start = n_before if incremental else 0
-            meta["input_token_logprobs"] = seq.input_token_logprobs
-            meta["output_token_logprobs"] = seq.output_token_logprobs[start:]
-            if seq.logprob.top_logprobs_num > 0:
-                meta["input_top_logprobs"] = seq.input_top_logprobs
-                meta["output_top_logprobs"] = seq.output_top_logprobs[start:]
-        out: dict[str, Any] = {"output_ids": ids, "meta_info": meta}
-        if text is not None:
-            out = {"text": text, **out}
-        if seq.stream and seq.index is not None:
-            out["index"] = seq.index
-        return out
+        lp = seq.logprob
+        return RequestOutput(
+            rid=seq.rid, text=text, output_ids=seq.output_ids, ids_start=n_before if incremental else 0,
+            ids_end=len(seq.output_ids), finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            index=seq.index if seq.stream else None,
+            e2e_latency=time.perf_counter() - seq.arrival if finished else None,
+            num_retractions=seq.num_preemptions,
+            input_token_logprobs=seq.input_token_logprobs if lp.return_logprob else None,
+            output_token_logprobs=seq.output_token_logprobs if lp.return_logprob else None,
+            input_top_logprobs=seq.input_top_logprobs if lp.return_logprob and lp.top_logprobs_num else None,
+            output_top_logprobs=seq.output_top_logprobs if lp.return_logprob and lp.top_logprobs_num else None,
+            num_input_logprobs=len(seq.input_token_logprobs), num_input_top_logprobs=len(seq.input_top_logprobs))
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict[str, Any]:
@@ -232,6 +282,8 @@ class EngineCore:
             "max_running_requests": self.scheduler.max_running,
             "chunked_prefill_size": self.scheduler.token_budget,
             "context_length": self.runner.context_length,
+            "vocab_size": self.runner.model_config.vocab_size,
+            "eos_token_ids": list(self.eos_ids),
             "device": str(self.runner.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "quantization": self.runner.quantization,
@@ -241,3 +293,12 @@ class EngineCore:
 
     def release(self) -> None:
         self.runner.release()
+
+
+def _rows(result: SampleResult, sampling: list[tuple[Sequence, int]]) -> list[tuple]:
+    return [(seq, result.tokens[i], result.logprobs[i] if result.logprobs is not None else None,
+             result.top[i] if result.top is not None else None) for i, (seq, _) in enumerate(sampling)]
+
+
+def _internal_error(where: str, error: Exception) -> dict[str, Any]:
+    return {"type": "abort", "message": f"internal error in {where}: {type(error).__name__}: {error}"}

@@ -76,14 +76,20 @@ class EngineThread:
                 await self._wake.wait()
 
     # ---------------------------------------------------- from other threads
-    def alive(self) -> bool:
-        return self.dead is None and not self.stopped and self.thread.is_alive()
-
     def check(self) -> None:
+        """The one liveness check: raises ``EngineDeadError`` once the thread died (or vanished without a
+        word), ``EngineShutdownError`` once it was stopped."""
         if self.dead is not None or (not self.stopped and not self.thread.is_alive()):
             raise EngineDeadError(f"The engine thread died ({self.dead!r}); create a new Engine.")
         if self.stopped or self._stopping:
             raise EngineShutdownError("This engine was shut down; create a new Engine to continue.")
+
+    def alive(self) -> bool:
+        try:
+            self.check()
+        except (EngineDeadError, EngineShutdownError):
+            return False
+        return True
 
     def live_core(self) -> EngineCore:
         """The engine core, to hand one of its methods to ``post`` / ``call``; raises once the engine is gone."""

@@ -8,6 +8,7 @@ __all__ = [
     "UnsupportedModelError",
     "EngineDeadError",
     "EngineShutdownError",
+    "InsufficientMemoryError",
 ]
 
 
@@ -29,3 +30,7 @@ class EngineDeadError(NBEngineError, RuntimeError):
 
 class EngineShutdownError(NBEngineError, RuntimeError):
     """The engine was shut down; create a new Engine to continue."""
+
+
+class InsufficientMemoryError(NBEngineError, MemoryError):
+    """The device has too little free memory for the model's KV pool."""

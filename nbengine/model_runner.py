@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from .forward_batch import ForwardBatch
 from .kv_cache import KVPool
 from .layers.cpu_threads import omp_team
 from .loader.hf import iter_weights
+from .memory import check_explicit_pool, kv_pool_tokens, read_cuda_memory, read_host_memory
 from .models import get_model_class
 from .quantization import KernelWarmUp, ModelQuantizer, resolve_quantization
 from .scheduler import ScheduledSeq
@@ -102,22 +102,21 @@ class ModelRunner:
     def _make_pool(self) -> KVPool:
         mc, cfg = self.model_config, self.config
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        reading = read_cuda_memory(self.device) if self.device.type == "cuda" else read_host_memory()
         if cfg.max_total_tokens:
             tokens = cfg.max_total_tokens
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            frac = cfg.mem_fraction_static or 0.85
-            tokens = int((free - (1 - frac) * total) // per_token)
+            check_explicit_pool(reading, tokens, per_token)
         else:
-            frac = cfg.mem_fraction_static or 0.1
-            budget = min(frac * _system_memory(), 4 << 30)
-            tokens = int(budget // per_token)
-            tokens = min(tokens, self.max_running * self.context_length)
-            tokens = max(tokens, min(self.context_length, 1 << 16) * 2)
+            tokens = kv_pool_tokens(reading, bytes_per_token=per_token, weights_bytes=_module_bytes(self.model),
+                                    fraction=cfg.mem_fraction_static, min_tokens=min(self.context_length, 2048),
+                                    cap_tokens=self.max_running * self.context_length)
         pages = max(2, tokens // cfg.page_size + 1)
         pool = KVPool(pages, cfg.page_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", pages, cfg.page_size,
                     pages * cfg.page_size * per_token / 2**20)
+        if pool.capacity_tokens < self.context_length:
+            logger.info("the KV pool holds %d tokens, fewer than the context length (%d): one request is limited "
+                        "to %d tokens", pool.capacity_tokens, self.context_length, pool.capacity_tokens)
         return pool
 
     @property
@@ -217,8 +216,9 @@ def _input_logprob_positions(it: ScheduledSeq) -> tuple[int, int]:
     return (lo, hi) if hi > lo else (0, 0)
 
 
-def _system_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+def _module_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (a tied weight counted once)."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -17,8 +17,30 @@ from .sequence import Sequence
 @dataclass
 class SampleResult:
     tokens: list[int]
-    logprobs: list[float] | None  # raw-model logprob of each chosen token (when requested)
-    top: list[list[tuple[float, int]]] | None
+    logprobs: list[float | None] | None  # raw-model logprob of each chosen token; None for rows that did not ask
+    top: list[list[tuple[float, int]] | None] | None
+
+
+class PenaltyCounts:
+    """One request's running penalty state, updated with each new token instead of rebuilt each step.
+
+    ``counts[t]``: how often ``t`` is in the output (frequency / presence penalties);
+    ``seen[t]``: whether ``t`` is in the prompt or the output (repetition penalty).
+    Built once from prompt + output (also right after a preemption, which keeps the output).
+    """
+
+    def __init__(self, seq: Sequence, vocab_size: int, device: torch.device) -> None:
+        self.counts = torch.zeros(vocab_size, device=device)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        if seq.output_ids:
+            out = torch.tensor(seq.output_ids, device=device)
+            self.counts.index_add_(0, out, torch.ones(len(seq.output_ids), device=device))
+            self.seen[out] = True
+        self.seen[torch.tensor(seq.prompt_ids, device=device)] = True
+
+    def add(self, token: int) -> None:
+        self.counts[token] += 1
+        self.seen[token] = True
 
 
 class Sampler:
@@ -36,28 +58,41 @@ class Sampler:
             logits = logits[:, : self.vocab_size]
         self._apply_bias_and_penalties(logits, seqs)
 
-        want_lp = [s.logprob.return_logprob for s in seqs]
-        logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-
         greedy = [s.params.is_greedy for s in seqs]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs, greedy)
         token_list = tokens.tolist()
-
-        lp_out = top_out = None
-        if logprobs is not None:
-            lp_out = logprobs.gather(1, tokens.view(-1, 1)).view(-1).tolist()
-            k = max(s.logprob.top_logprobs_num for s in seqs)
-            if k > 0:
-                vals, idx = logprobs.topk(k, dim=-1)
-                vals, idx = vals.tolist(), idx.tolist()
-                top_out = [list(zip(vals[i][: s.logprob.top_logprobs_num], idx[i][: s.logprob.top_logprobs_num]))
-                           for i, s in enumerate(seqs)]
+        lp_out, top_out = self._logprobs(logits, tokens, seqs)
+        for s, t in zip(seqs, token_list):
+            if s.penalties is not None:
+                s.penalties.add(t)
         return SampleResult(token_list, lp_out, top_out)
 
     # ------------------------------------------------------------------ steps
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
+                  ) -> tuple[list[float | None] | None, list[list[tuple[float, int]] | None] | None]:
+        """Logprobs of the chosen tokens (and the top ones), only for the rows that asked for them."""
+        rows = [i for i, s in enumerate(seqs) if s.logprob.return_logprob]
+        if not rows:
+            return None, None
+        idx = torch.tensor(rows, device=logits.device)
+        logprobs = torch.log_softmax(logits.index_select(0, idx), dim=-1)
+        chosen = logprobs.gather(1, tokens.index_select(0, idx).view(-1, 1)).view(-1).tolist()
+        lp_out: list[float | None] = [None] * len(seqs)
+        top_out: list[list[tuple[float, int]] | None] = [None] * len(seqs)
+        k = max(seqs[i].logprob.top_logprobs_num for i in rows)
+        if k > 0:
+            vals, ids = logprobs.topk(k, dim=-1)
+            vals, ids = vals.tolist(), ids.tolist()
+        for j, i in enumerate(rows):
+            lp_out[i] = chosen[j]
+            n = seqs[i].logprob.top_logprobs_num
+            if n > 0:
+                top_out[i] = list(zip(vals[j][:n], ids[j][:n]))
+        return lp_out, top_out
+
     def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for i, s in enumerate(seqs):
             p = s.params
@@ -71,15 +106,11 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         if not rows:
             return
-        v = logits.shape[1]
-        counts = torch.zeros(len(rows), v, device=logits.device)
-        seen = torch.zeros(len(rows), v, dtype=torch.bool, device=logits.device)
-        for j, i in enumerate(rows):
-            s = seqs[i]
-            if s.output_ids:
-                out = torch.tensor(s.output_ids, device=logits.device)
-                counts[j].index_add_(0, out, torch.ones(len(s.output_ids), device=logits.device))
-            seen[j, torch.tensor(s.prompt_ids + s.output_ids, device=logits.device)] = True
+        for i in rows:
+            if seqs[i].penalties is None:
+                seqs[i].penalties = PenaltyCounts(seqs[i], logits.shape[1], logits.device)
+        counts = torch.stack([seqs[i].penalties.counts for i in rows])
+        seen = torch.stack([seqs[i].penalties.seen for i in rows])
         idx = torch.tensor(rows, device=logits.device)
         sub = logits.index_select(0, idx)
         rep = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=logits.device)[:, None]
@@ -92,32 +123,42 @@ class Sampler:
         logits.index_copy_(0, idx, sub)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        """Draw one token per row; rows that are greedy come out as the argmax. Filtering (top-k/p) and
+        noise only touch the rows that need them."""
         dev = logits.device
         temp = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], device=dev)
         probs = torch.softmax(logits / temp[:, None], dim=-1)
         v = probs.shape[1]
         top_k = [min(s.params.effective_top_k, v) for s in seqs]
         top_p = [s.params.top_p for s in seqs]
-        if any(k < v for k in top_k) or any(p < 1.0 for p in top_p):
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            ranks = torch.arange(v, device=dev)[None, :]
-            drop = ranks >= torch.tensor(top_k, device=dev)[:, None]
+        rows = [i for i, g in enumerate(greedy) if not g and (top_k[i] < v or top_p[i] < 1.0)]
+        if rows:
+            idx = torch.tensor(rows, device=dev)
+            sub = probs.index_select(0, idx)
+            # top-k alone needs only the k best; top-p needs the whole sorted row
+            k_max = max(top_k[i] for i in rows) if all(top_p[i] >= 1.0 for i in rows) else v
+            sorted_p, order = sub.topk(k_max, dim=-1) if k_max < v else sub.sort(dim=-1, descending=True)
+            ranks = torch.arange(sorted_p.shape[1], device=dev)[None, :]
+            drop = ranks >= torch.tensor([top_k[i] for i in rows], device=dev)[:, None]
             before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each candidate
-            drop |= before > torch.tensor(top_p, device=dev)[:, None]
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+            drop |= before > torch.tensor([top_p[i] for i in rows], device=dev)[:, None]
+            kept = torch.zeros_like(sub).scatter_(1, order, sorted_p.masked_fill(drop, 0.0))
+            probs.index_copy_(0, idx, kept)
         min_p = [s.params.min_p for s in seqs]
         if any(m > 0 for m in min_p):
             thresh = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=dev)[:, None]
             probs = probs.masked_fill(probs < thresh, 0.0)
 
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if len(unseeded) == len(seqs):
+        noise = torch.ones_like(probs)
+        seeded = [i for i, g in enumerate(greedy) if not g and seqs[i].generator is not None]
+        shared = [i for i, g in enumerate(greedy) if not g and seqs[i].generator is None]
+        if len(shared) == len(seqs):
             noise.exponential_(generator=self.generator)
-        else:
-            for i, s in enumerate(seqs):
-                noise[i].exponential_(generator=s.generator if s.generator is not None else self.generator)
+        elif shared:
+            idx = torch.tensor(shared, device=dev)
+            noise.index_copy_(0, idx, torch.empty(len(shared), v, device=dev).exponential_(generator=self.generator))
+        for i in seeded:  # a seeded request draws from its own generator: same text in any batch
+            noise[i].exponential_(generator=seqs[i].generator)
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
             g = torch.tensor(greedy, device=dev)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 _TOP_K_ALL = 1 << 30  # top_k=-1 means "no top-k", as in SGLang
+_MAX_N = 1024  # samples per prompt: a typo like n=10**9 must not build a billion requests
 
 
 @dataclass
@@ -64,29 +65,48 @@ class SamplingParams:
     def normalize(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s != ""]
-        if isinstance(self.stop_token_ids, int):
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
+        self.stop = [s for s in self.stop if s != ""]
+        if isinstance(self.stop_token_ids, numbers.Integral) and not isinstance(self.stop_token_ids, bool):
             self.stop_token_ids = [self.stop_token_ids]
-        ids = list(self.stop_token_ids or [])
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"stop_token_ids must be an integer or a list of integers, got {self.stop_token_ids!r}.")
         self.stop_token_ids = list(dict.fromkeys(int(t) for t in ids))
+        if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}.")
         if self.logit_bias:
             try:
-                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except (TypeError, ValueError) as e:
+                self.logit_bias = {_token_key(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError, OverflowError) as e:
                 raise ValueError(f"logit_bias must map token ids to floats, got {self.logit_bias!r}.") from e
             if not all(math.isfinite(v) for v in self.logit_bias.values()):
                 raise ValueError(f"logit_bias values must be finite numbers, got {self.logit_bias!r}.")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        for name in ("json_schema", "regex", "ebnf"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}.")
 
     # ---------------------------------------------------------------- checking
     def verify(self, vocab_size: int | None = None) -> None:
         """Raise ``ValueError`` naming the field and its allowed range."""
         def num(name: str, value: Any, integer: bool = False) -> None:
-            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-            if not ok or isinstance(value, bool) or (not integer and not math.isfinite(value)):
-                kind = "an integer" if integer else "a finite number"
-                raise ValueError(f"{name} must be {kind}, got {value!r}.")
+            """Check the type (numpy scalars welcome) and store the field as a plain int / float."""
+            kind = numbers.Integral if integer else numbers.Real
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            if ok and not integer:
+                try:
+                    ok = math.isfinite(value)
+                except OverflowError:  # an int too large for a float
+                    ok = False
+            if not ok:
+                raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'}, got {value!r}.")
+            setattr(self, name, int(value) if integer else float(value))
 
         num("temperature", self.temperature)
         if self.temperature < 0.0:
@@ -101,8 +121,8 @@ class SamplingParams:
         if self.top_k < 1 and self.top_k != -1:
             raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
         for name in ("frequency_penalty", "presence_penalty"):
+            num(name, getattr(self, name))
             value = getattr(self, name)
-            num(name, value)
             if not -2.0 <= value <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}.")
         num("repetition_penalty", self.repetition_penalty)
@@ -117,8 +137,8 @@ class SamplingParams:
         if not 0 <= self.min_new_tokens <= upper:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens({self.max_new_tokens})], got {self.min_new_tokens}.")
         num("n", self.n, integer=True)
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if not 1 <= self.n <= _MAX_N:
+            raise ValueError(f"n must be in [1, {_MAX_N}], got {self.n}.")
         if self.seed is not None:
             num("seed", self.seed, integer=True)
             if not 0 <= self.seed < 2**63:
@@ -151,3 +171,10 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def _token_key(key: Any) -> int:
+    """A logit_bias key: a token id, as an int or (JSON style) a string of digits."""
+    if isinstance(key, bool) or isinstance(key, float):
+        raise TypeError(key)
+    return int(key)

@@ -4,6 +4,11 @@ Each step takes every running decode (one token each), then continues chunked pr
 then admits waiting requests first-come-first-served, all under one token budget
 (``chunked_prefill_size``). When pages run out the newest running request is preempted:
 its pages are freed and it goes back to the front of the queue to be recomputed later.
+
+Progress is guaranteed: the oldest running request is never the victim while another runs,
+and a request that cannot grow even with the whole pool to itself is taken out (``dropped``)
+instead of preempting itself forever. The engine's admission caps every request to the
+pool, so that only happens to sequences made by hand.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.dropped: list[Sequence] = []  # sequences that can never fit in the pool; the caller ends them
 
     # ------------------------------------------------------------ queue ops
     def add(self, seq: Sequence) -> None:
@@ -73,6 +79,9 @@ class Scheduler:
                 i += 1
                 continue
             while not self.pool.grow(seq.pages, seq.num_computed + 1):
+                if len(self.running) == 1:  # alone and still short of pages: it can never fit
+                    self._drop(seq)
+                    break
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -98,6 +107,10 @@ class Scheduler:
         admit = self.num_preemptions == preemptions_before
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            if seq.num_tokens > self.pool.capacity_tokens:
+                self.waiting.popleft()
+                self._drop(seq)
+                continue
             # keep a page of headroom per running request so new decodes don't preempt at once
             headroom = len(self.running) if self.running else 0
             if self.pool.num_free_pages - headroom < 1:
@@ -111,11 +124,19 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, seq.num_computed, n))
             budget -= n
 
-        # 4. nothing could run (prefills stuck on a full pool): free the newest and retry
+        # 4. nothing could run (prefills stuck on a full pool): free the newest and retry;
+        # a prefill stuck with the pool to itself can never fit
         if not batch and len(self.running) > 1:
             self._preempt(self.running[-1])
             return self.schedule()
+        if not batch and self.running:
+            self._drop(self.running[0])
+            return self.schedule()
         return batch
+
+    def take_dropped(self) -> list[Sequence]:
+        dropped, self.dropped = self.dropped, []
+        return dropped
 
     def _fit(self, seq: Sequence, budget: int, reserve: int = 0) -> int:
         """Grow ``seq``'s pages for as many of its pending tokens as budget and pool allow."""
@@ -126,6 +147,16 @@ class Scheduler:
         if n <= 0 or not self.pool.grow(seq.pages, seq.num_computed + n):
             return 0
         return n
+
+    def _drop(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        self.pool.free(seq.pages)
+        seq.num_computed = 0
+        seq.status = SeqStatus.FINISHED
+        self.dropped.append(seq)
+        logger.warning("request %s needs %d KV slots but the pool holds %d; ending it", seq.rid,
+                       seq.num_tokens + 1, self.pool.capacity_tokens)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -46,6 +46,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     arrival: float = field(default_factory=time.perf_counter)
     generator: torch.Generator | None = None
+    penalties: Any = None  # the sampler's running PenaltyCounts, built on first use
     finish_reason: dict[str, Any] | None = None
     num_preemptions: int = 0
     # logprob outputs (filled only when requested)

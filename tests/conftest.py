@@ -21,14 +21,60 @@ def default_model_dir() -> Path:
     return default_model_path(progress=False)
 
 
+# ---------------------------------------------------------------- a second tokenizer family
+# SmolLM2's tokenizer adds no special tokens by itself; Llama 3's adds <|begin_of_text|> to every
+# encode(). This one is built here, Llama-3 style: byte-level BPE trained on a small text, Llama 3's
+# special tokens and chat template, and a post-processor that adds BOS.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}"
+                   "<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France, Rome of Italy.",
+    "Once upon a time there was a little model that learned to write haiku about the sea and the sky.",
+    "def main():\n    for i in range(10):\n        print(i * 2)  # doubles\n    return 0\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14159 2.71828; punctuation: !?,.;:'\"()[]{}<>/\\-_=+*&^%$#@~`|",
+    "Café, naïve, façade, Straße, 日本語のテキスト, 中文文本, Ελληνικά, русский, emoji 😀🎉👍🏽 done.",
+    "Hello there! How are you today? I am fine, thank you. What is your name? My name is nbengine.",
+] * 20
+
+
+def build_llama3_style_tokenizer(out: Path) -> Path:
+    """Write tokenizer.json + tokenizer_config.json of the Llama-3-style test tokenizer into ``out``."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=LLAMA3_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    bos = LLAMA3_SPECIALS[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": bos, "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out
+
+
 def _tiny(kind: str, out: Path, tokenizer_dir: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "llama3": 3}[kind])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "llama3": 3, "llama3tok": 4}[kind])
     common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
-    if kind == "llama":
+    if kind == "llama3tok":  # the Llama-3-style tokenizer's vocabulary: BOS 0, <|eot_id|> 4
+        from tokenizers import Tokenizer as _Tok
+
+        vocab = _Tok.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+        common.update(vocab_size=vocab, bos_token_id=0, eos_token_id=4)
+    if kind in ("llama", "llama3tok"):
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
     elif kind == "llama3":  # untied embeddings, llama3 rope scaling, MHA
         cfg = LlamaConfig(**{**common, "num_key_value_heads": 4}, tie_word_embeddings=False, rope_theta=500000.0,
@@ -66,3 +112,10 @@ def tiny_models(tmp_path_factory, default_model_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def llama3_tok_model(tmp_path_factory) -> Path:
+    """A tiny random Llama whose tokenizer is the Llama-3-style one built above (adds BOS by itself)."""
+    root = tmp_path_factory.mktemp("llama3-tokenizer")
+    return _tiny("llama3tok", root / "model", build_llama3_style_tokenizer(root / "tokenizer"))

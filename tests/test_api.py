@@ -27,10 +27,14 @@ SHORT = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
 # long enough that it is still running when the test aborts it (the tiny model's context is 1024)
 LONG = {"temperature": 0, "max_new_tokens": 1000, "ignore_eos": True}
 META_KEYS = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"}
+# No test here asserts a speed: this 2-core machine is shared. Waits are bounded only so that a hang
+# fails its test; "promptly" checks (the contract says ~1 s) get a generous bound.
+HANG_S = 60.0
+PROMPT_S = 10.0
 
 
 # --------------------------------------------------------------------------- helpers
-def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
+def wait_until(pred, timeout: float = 30.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -39,7 +43,7 @@ def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
     return pred()
 
 
-async def async_wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
+async def async_wait_until(pred, timeout: float = 30.0, interval: float = 0.02) -> bool:
     """Like wait_until, but lets the running loop work (async generators close on it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,7 +151,11 @@ def idle_after(llm):
 # ------------------------------------------------------------ the four modes (default model)
 async def test_four_modes_agree_on_the_default_model(default_llm):
     llm = default_llm
-    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = llm.tokenizer.apply_chat_template(messages)
+    # a text prompt on purpose (stream_and_merge takes text); SmolLM2's tokenizer adds no BOS of its own,
+    # so the text encodes to exactly the ids apply_chat_template(tokenize=True) gives
+    assert llm.tokenizer.encode(prompt) == llm.tokenizer.apply_chat_template(messages, tokenize=True)
     params = {"temperature": 0, "max_new_tokens": 10}
 
     sync_out = llm.generate(prompt, params)
@@ -317,7 +325,7 @@ def test_abort_by_rid_from_another_thread(llm, idle_after):
     fut = in_thread(llm.generate, "Hello", LONG, rid=rid)
     assert wait_until(lambda: num_running(llm) == 1)
     llm.abort(rid)
-    out = fut.result(timeout=10)
+    out = fut.result(timeout=HANG_S)
     assert out["meta_info"]["id"] == rid
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
     assert out["meta_info"]["completion_tokens"] < LONG["max_new_tokens"]
@@ -331,7 +339,7 @@ def test_abort_all_and_abort_of_unknown_rid(llm, idle_after):
     fut = in_thread(llm.generate, ["a", "b"], LONG)
     assert wait_until(lambda: num_running(llm) == 2)
     llm.abort(abort_all=True)
-    outs = fut.result(timeout=10)
+    outs = fut.result(timeout=HANG_S)
     assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["abort", "abort"]
 
 
@@ -437,13 +445,13 @@ def test_abort_of_a_waiting_request(tiny_llama):
         second = in_thread(one.generate, "Hello", LONG, rid="second")
         assert wait_until(lambda: one.get_server_info()["num_waiting_reqs"] == 1)
         one.abort("second")
-        out = second.result(timeout=5)
+        out = second.result(timeout=HANG_S)
         assert out["meta_info"]["finish_reason"]["type"] == "abort"
         assert out["output_ids"] == [] and out["meta_info"]["completion_tokens"] == 0
         assert out["text"] == ""
         assert not first.done()
         one.abort("first")
-        assert first.result(timeout=5)["meta_info"]["finish_reason"]["type"] == "abort"
+        assert first.result(timeout=HANG_S)["meta_info"]["finish_reason"]["type"] == "abort"
         assert wait_until(lambda: is_idle(one))
 
 
@@ -455,7 +463,7 @@ def test_a_duplicate_running_rid_is_rejected_without_touching_the_first(llm, idl
     assert "dup" in out["meta_info"]["finish_reason"]["message"]
     assert not first.done()
     llm.abort("dup")
-    assert first.result(timeout=5)["meta_info"]["finish_reason"]["type"] == "abort"
+    assert first.result(timeout=HANG_S)["meta_info"]["finish_reason"]["type"] == "abort"
 
 
 # ------------------------------------------------------------------------------ concurrency
@@ -537,7 +545,7 @@ def test_shutdown_is_idempotent_and_later_calls_raise_quickly(tiny_llama):
     with pytest.raises(EngineShutdownError):
         llm.get_server_info()
     llm.abort("anything")  # nothing to abort; must not raise
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < PROMPT_S  # they raise at once, without waiting on the engine
     assert not llm._thread.thread.is_alive()
     assert issubclass(EngineShutdownError, NBEngineError)
 
@@ -548,7 +556,7 @@ def test_shutdown_ends_running_requests_with_an_error(tiny_llama):
     assert wait_until(lambda: num_running(llm) == 1)
     llm.shutdown()
     with pytest.raises(EngineShutdownError):
-        fut.result(timeout=5)
+        fut.result(timeout=HANG_S)
 
 
 def test_a_dropped_engine_stops_its_thread(tiny_llama):
@@ -558,7 +566,7 @@ def test_a_dropped_engine_stops_its_thread(tiny_llama):
     thread = llm._thread.thread
     del llm
     gc.collect()
-    thread.join(timeout=5)
+    thread.join(timeout=HANG_S)
     assert not thread.is_alive()
 
 
@@ -623,11 +631,11 @@ def test_engine_thread_death_fails_waiters_and_later_calls(tiny_llama):
         crashed_at = time.monotonic()
         crash.set()
         for t in threads:
-            t.join(timeout=5)
+            t.join(timeout=HANG_S)
         assert not any(t.is_alive() for t in threads), "a waiting call hung after the engine thread died"
         for name in ("sync", "async"):
             assert isinstance(errors.get(name), EngineDeadError), errors
-            assert raised_at[name] - crashed_at < 1.5
+            assert raised_at[name] - crashed_at < PROMPT_S
         assert "simulated crash" in str(errors["sync"])
 
         t0 = time.monotonic()
@@ -639,7 +647,7 @@ def test_engine_thread_death_fails_waiters_and_later_calls(tiny_llama):
             asyncio.run(llm.async_generate("Hello", SHORT))
         with pytest.raises(EngineDeadError):
             llm.get_server_info()
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < PROMPT_S
         assert issubclass(EngineDeadError, NBEngineError)
     finally:
         crash.set()
@@ -663,7 +671,7 @@ def test_engine_thread_death_fails_a_waiting_stream(tiny_llama):
     try:
         gen = llm.generate("Hello", LONG, stream=True)
         with pytest.raises(EngineDeadError):
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + HANG_S
             for _ in gen:
                 assert time.monotonic() < deadline
     finally:
@@ -683,9 +691,9 @@ def test_a_request_that_fails_to_start_raises_in_its_caller_only(llm, monkeypatc
     monkeypatch.setattr(engine_core, "IncrementalDetokenizer", failing)
     bad = {**SHORT, "stop": ["FAIL-TO-START"]}
     with pytest.raises(RuntimeError, match="simulated failure"):
-        in_thread(llm.generate, "Hello", bad).result(timeout=5)  # raises in the caller instead of hanging it
+        in_thread(llm.generate, "Hello", bad).result(timeout=HANG_S)  # raises in the caller instead of hanging it
     with pytest.raises(RuntimeError, match="simulated failure"):
-        in_thread(llm.generate, ["Hello", "Hello"], [LONG, bad]).result(timeout=5)
+        in_thread(llm.generate, ["Hello", "Hello"], [LONG, bad]).result(timeout=HANG_S)
     assert llm.generate("Hello", SHORT)["meta_info"]["completion_tokens"] == 4
 
 
@@ -713,4 +721,4 @@ def test_server_info_shows_a_running_request(llm, idle_after):
     assert info["kv_pages_used"] > 0
     assert info["kv_pages_free"] + info["kv_pages_used"] == info["kv_pages_total"]
     llm.abort(rid)
-    fut.result(timeout=10)
+    fut.result(timeout=HANG_S)

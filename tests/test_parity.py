@@ -214,7 +214,7 @@ QUESTIONS = [
 
 def test_default_model_chat_greedy_batch_equals_one_by_one_equals_transformers(default_model_dir):
     tok = Tokenizer(default_model_dir)
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS]
     n = 24
     params = {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}
     hf = _load_hf(default_model_dir)

@@ -41,12 +41,19 @@ class Linear(nn.Module):
     ``{"q_proj": 576, "k_proj": 192, "v_proj": 192}``; :meth:`load_shard` copies each in.
     """
 
-    def __init__(self, in_features: int, shards: dict[str, int], bias: bool = False) -> None:
+    def __init__(self, in_features: int, shards: dict[str, int], bias: bool = False,
+                 weight: nn.Parameter | None = None) -> None:
+        """``weight``: use this existing parameter (tied embeddings) instead of allocating one."""
         super().__init__()
         self.in_features = in_features
         self.shards = dict(shards)
         self.out_features = sum(shards.values())
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        if weight is None:
+            weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        elif tuple(weight.shape) != (self.out_features, in_features):
+            raise ValueError(f"a shared weight of shape {tuple(weight.shape)} cannot serve as "
+                             f"[{self.out_features}, {in_features}]")
+        self.weight = weight
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
         self.use_onednn = False
 

@@ -24,25 +24,38 @@ def interleave_rows(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Ten
     return w.reshape(num_heads * head_dim, *rest)
 
 
+def rope_type(scaling: dict[str, Any] | None) -> str:
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+
+
+def check_rope_scaling(scaling: dict[str, Any] | None) -> None:
+    """Raise ``UnsupportedModelError`` for a rope scaling this module does not implement."""
+    kind = rope_type(scaling)
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope scaling type {kind!r} is not supported (positions would be rotated wrongly and the output "
+            f"would be garbage); supported: {SUPPORTED_ROPE_TYPES}.")
+
+
 def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    check_rope_scaling(scaling)
+    kind = rope_type(scaling)
     if kind == "default":
         return inv
     if kind == "linear":
         return inv / scaling["factor"]
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_ctx = scaling["original_max_position_embeddings"]
-        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        mid = (1 - smooth) * scaled / factor + smooth * scaled
-        is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-        return torch.where(is_mid, mid, scaled)
-    raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}.")
+    # llama3 (check_rope_scaling admitted no other type)
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_ctx = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(is_mid, mid, scaled)
 
 
 class Rotary:

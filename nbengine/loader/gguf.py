@@ -162,8 +162,12 @@ def _build_config(meta: _Meta, tensor_names: set[str], embed_shape: tuple[int, .
             config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(tok_id)
     scaling = meta.get("{arch}.rope.scaling.type", "none")
     if scaling not in ("none", ""):
-        if scaling not in ("linear", "yarn"):
-            raise UnsupportedModelError(f"unsupported rope scaling type {scaling!r}")
+        if scaling != "linear":
+            # nbengine's rotary implements default, linear and llama3 scaling; converting a YaRN model
+            # would only fail later, at load, with a less helpful message
+            raise UnsupportedModelError(
+                f"GGUF rope scaling type {scaling!r} is not supported (only 'linear'; YaRN is not implemented), "
+                "so this model would compute wrong positions. Use a model without YaRN rope scaling.")
         rope_scaling: dict[str, Any] = {
             "rope_type": scaling,
             "factor": _f32(meta.get("{arch}.rope.scaling.factor")),

@@ -144,10 +144,8 @@ class LlamaForCausalLM(nn.Module):
         self.finalize()
 
     def finalize(self) -> None:
-        if self.lm_head is None:
-            head = Linear(self.cfg.hidden_size, {"lm_head": self.cfg.vocab_size})
-            head.weight = self.embed_tokens.weight
-            self._head = head
+        if self.lm_head is None:  # tied: the head reads the embedding matrix itself
+            self._head = Linear(self.cfg.hidden_size, {"lm_head": self.cfg.vocab_size}, weight=self.embed_tokens.weight)
         else:
             self._head = self.lm_head
         for m in self.modules():

@@ -1,0 +1,62 @@
+"""One output of a request: taken on the engine thread, turned into the user's dict on the caller's.
+
+Streaming outputs are cumulative by default (SGLang's contract): every chunk carries all output
+ids so far. Copying them on the engine thread would make each step's cost grow with every
+stream's length, so the engine thread only records *how many* there are: output ids and
+logprobs are append-only lists (a preemption keeps them), so ``ids[:n]`` sliced later on the
+caller's thread is exactly what the engine saw when it emitted the chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot of one request; :meth:`to_dict` builds ``{"text", "output_ids", "meta_info", ...}``."""
+
+    rid: str
+    text: str | None  # cumulative text or, for incremental streams, the new text (None without a tokenizer)
+    output_ids: list[int]  # the request's own list: only [ids_start:ids_end] belongs to this output
+    ids_start: int
+    ids_end: int
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    index: int | None = None  # "index" of a streamed batch's chunk
+    e2e_latency: float | None = None  # set on the final output
+    num_retractions: int = 0
+    # logprobs, when requested: the request's lists and the slice that belongs to this output
+    input_token_logprobs: list | None = None
+    input_top_logprobs: list | None = None
+    output_token_logprobs: list | None = None
+    output_top_logprobs: list | None = None
+    num_input_logprobs: int = 0
+    num_input_top_logprobs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        start, end = self.ids_start, self.ids_end
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": end,
+            "cached_tokens": 0,
+        }
+        if self.e2e_latency is not None:
+            meta["e2e_latency"] = self.e2e_latency
+        if self.num_retractions:
+            meta["num_retractions"] = self.num_retractions
+        if self.output_token_logprobs is not None:
+            meta["input_token_logprobs"] = self.input_token_logprobs[: self.num_input_logprobs]
+            meta["output_token_logprobs"] = self.output_token_logprobs[start:end]
+            if self.output_top_logprobs is not None:
+                meta["input_top_logprobs"] = self.input_top_logprobs[: self.num_input_top_logprobs]
+                meta["output_top_logprobs"] = self.output_top_logprobs[start:end]
+        out: dict[str, Any] = {"output_ids": self.output_ids[start:end], "meta_info": meta}
+        if self.text is not None:
+            out = {"text": self.text, **out}
+        if self.index is not None:
+            out["index"] = self.index
+        return out
