@@ -32,7 +32,8 @@ class EngineConfig:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = True
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None
+    cuda_graph_max_bs: int | None = None  # CUDA: decode graphs for batches up to this (default min(256, max running))
+    attention_backend: str | None = None  # "triton" (default on CUDA) | "flash_attn" | "torch" (default on CPU)
     random_seed: int | None = None
     tp_size: int = 1
     dp_size: int = 1
@@ -70,6 +71,9 @@ class EngineConfig:
             raise ValueError(f"chunked_prefill_size must be -1 (off) or positive, got {self.chunked_prefill_size}.")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}.")
+        if self.attention_backend not in (None, "triton", "flash_attn", "torch"):
+            raise ValueError("attention_backend must be 'triton', 'flash_attn' or 'torch' (or None for the "
+                             f"device's default), got {self.attention_backend!r}.")
         if self.schedule_policy not in _SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {_SCHEDULE_POLICIES}, got {self.schedule_policy!r}.")
         if self.tp_size != 1 or self.dp_size != 1:

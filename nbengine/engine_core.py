@@ -32,13 +32,7 @@ class EngineCore:
         self.runner = ModelRunner(config, model_dir)
         self.pool = self.runner.pool
         mc = self.runner.model_config
-        budget = config.chunked_prefill_size
-        if budget is None:
-            budget = 8192 if self.runner.device.type == "cuda" else 512
-        elif budget == -1:
-            budget = self.runner.context_length
-        budget = max(budget, self.runner.max_running)
-        self.scheduler = Scheduler(self.pool, self.runner.max_running, budget)
+        self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget)
         eos = list(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -110,8 +104,12 @@ class EngineCore:
         if not sampling:
             return
         seqs = [it.seq for it, _ in sampling]
-        rows = torch.tensor([r for _, r in sampling], device=out.logits.device)
-        result = self.sampler(out.logits.index_select(0, rows), seqs)
+        rows = [r for _, r in sampling]
+        if rows == list(range(len(rows))):  # every logits row samples (decodes): no gather, no host copy
+            logits = out.logits[: len(rows)]
+        else:
+            logits = out.logits.index_select(0, torch.tensor(rows, device=out.logits.device))
+        result = self.sampler(logits, seqs)
         self.last_gen_throughput = len(seqs) / max(time.perf_counter() - t0, 1e-9)
         for i, seq in enumerate(seqs):
             lp = result.logprobs[i] if result.logprobs is not None else None
@@ -235,7 +233,9 @@ class EngineCore:
             "device": str(self.runner.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "architecture": self.runner.model_config.architecture,
-            "attention_backend": self.runner.model.attn_backend.name,
+            "attention_backend": self.runner.ops.name,
+            "cuda_graph_batch_sizes": self.runner.graphs.sizes if self.runner.graphs is not None else [],
+            **self.runner.startup,
         }
 
     def release(self) -> None:

@@ -1,0 +1,110 @@
+"""KV store by slot mapping, fused with the per-head q/k RMSNorm (Qwen3) and rotary embedding.
+
+One program per token: q heads are normalised and rotated in place inside ``qkv``; k heads are
+normalised and rotated and, with the v heads, written to the token's KV slot. A negative slot
+(a padded row of a CUDA graph) writes nothing. Rotary is on the interleaved layout and reads a
+``[positions, D]`` float32 table of ``cos | sin`` (any scaling, llama3 included, is in the table).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_rope(e, o, w_ptr, cos, sin, half, half_mask, eps, head_dim, dtype: tl.constexpr,
+               NORM: tl.constexpr, ROPE: tl.constexpr):
+    """e, o: [heads, HALF] float32 even / odd elements of each head. Returns them normed and rotated."""
+    if NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(e * e, axis=1) + tl.sum(o * o, axis=1)) / head_dim + eps)
+        w_e = tl.load(w_ptr + 2 * half, mask=half_mask, other=0.0).to(tl.float32)
+        w_o = tl.load(w_ptr + 2 * half + 1, mask=half_mask, other=0.0).to(tl.float32)
+        # rounded as the reference rounds: normed.to(dtype) * weight, stored in dtype
+        e = ((e * rstd[:, None]).to(dtype).to(tl.float32) * w_e[None, :]).to(dtype).to(tl.float32)
+        o = ((o * rstd[:, None]).to(dtype).to(tl.float32) * w_o[None, :]).to(dtype).to(tl.float32)
+    if ROPE:
+        re = e * cos[None, :] - o * sin[None, :]
+        ro = e * sin[None, :] + o * cos[None, :]
+        e = re
+        o = ro
+    return e, o
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, slot_ptr, kv_ptr, q_norm_ptr, k_norm_ptr,
+                       stride_q, stride_k, stride_v, stride_slot, v_offset, eps,
+                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, HALF: tl.constexpr,
+                       ROPE: tl.constexpr, NORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    half = tl.arange(0, HALF)
+    half_mask = half < HEAD_DIM // 2
+    dtype = kv_ptr.dtype.element_ty
+    cos = tl.zeros([HALF], tl.float32)
+    sin = tl.zeros([HALF], tl.float32)
+    if ROPE:
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + half, mask=half_mask, other=0.0)
+        sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HEAD_DIM // 2 + half, mask=half_mask, other=0.0)
+
+    if ROPE or NORM:  # q: rotated in place
+        hq = tl.arange(0, BLOCK_HQ)
+        m = (hq[:, None] < NUM_HEADS) & half_mask[None, :]
+        ptr = q_ptr + t * stride_q + hq[:, None] * HEAD_DIM + 2 * half[None, :]
+        e = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+        o = tl.load(ptr + 1, mask=m, other=0.0).to(tl.float32)
+        e, o = _norm_rope(e, o, q_norm_ptr, cos, sin, half, half_mask, eps, HEAD_DIM, dtype, NORM, ROPE)
+        tl.store(ptr, e.to(dtype), mask=m)
+        tl.store(ptr + 1, o.to(dtype), mask=m)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        hk = tl.arange(0, BLOCK_HK)
+        m = (hk[:, None] < NUM_KV_HEADS) & half_mask[None, :]
+        src = k_ptr + t * stride_k + hk[:, None] * HEAD_DIM + 2 * half[None, :]
+        e = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        o = tl.load(src + 1, mask=m, other=0.0).to(tl.float32)
+        e, o = _norm_rope(e, o, k_norm_ptr, cos, sin, half, half_mask, eps, HEAD_DIM, dtype, NORM, ROPE)
+        dst = kv_ptr + slot * stride_slot + hk[:, None] * HEAD_DIM + 2 * half[None, :]
+        tl.store(dst, e.to(dtype), mask=m)
+        tl.store(dst + 1, o.to(dtype), mask=m)
+        d = tl.arange(0, 2 * HALF)
+        mv = (hk[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
+        v = tl.load(v_ptr + t * stride_v + hk[:, None] * HEAD_DIM + d[None, :], mask=mv, other=0.0)
+        tl.store(kv_ptr + slot * stride_slot + v_offset + hk[:, None] * HEAD_DIM + d[None, :], v.to(dtype), mask=mv)
+
+
+def _launch(q, k, v, positions, cos_sin, slots, kv_layer, num_heads, num_kv_heads, head_dim,
+            q_norm, k_norm, eps, rope: bool) -> None:
+    t = k.shape[0]
+    if t == 0:
+        return
+    norm = q_norm is not None
+    _rope_store_kernel[(t,)](
+        q if q is not None else k, k, v, positions if rope else slots, cos_sin if rope else kv_layer, slots, kv_layer,
+        q_norm if norm else kv_layer, k_norm if norm else kv_layer,
+        q.stride(0) if q is not None else 0, k.stride(0), v.stride(0), kv_layer.stride(0),
+        num_kv_heads * head_dim, eps,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_HQ=triton.next_power_of_2(num_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        HALF=triton.next_power_of_2(head_dim // 2), ROPE=rope, NORM=norm, num_warps=4)
+
+
+def rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv_layer: torch.Tensor,
+               slots: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+               q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> None:
+    """qkv ``[T, (H+2Hkv)*D]``: q normed/rotated in place; K (normed, rotated) and V stored at ``slots``.
+
+    The k and v columns of ``qkv`` are left as they were. ``positions``, ``slots``: ``[T]`` int.
+    """
+    q_end, k_end = num_heads * head_dim, (num_heads + num_kv_heads) * head_dim
+    _launch(qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:], positions, cos_sin, slots, kv_layer,
+            num_heads, num_kv_heads, head_dim, q_norm, k_norm, eps, rope=True)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write ``k``, ``v`` (``[T, Hkv*D]``) into ``kv_layer`` ``[S, 2, Hkv, D]`` at ``slots`` (negative: skipped)."""
+    hk, d = kv_layer.shape[2], kv_layer.shape[3]
+    _launch(None, k, v, None, None, slots, kv_layer, 1, hk, d, None, None, 0.0, rope=False)

@@ -1,0 +1,89 @@
+"""BatchBuffers: a step's metadata in one int32 device buffer, filled by one copy from pinned memory.
+
+Layout for ``T`` token rows, ``B`` sequences, ``R`` logits rows and page-table width ``W``:
+``ids[T] positions[T] slots[T] seq_lens[B] q_starts[B+1] logits_rows[R] width[1] page_table[B*W]``.
+The offsets depend only on ``(T, B, R)``, so a CUDA graph captured for a padded decode batch of
+``bs`` rows (``T = B = bs``, ``R = 0``) reads the same addresses at every replay; the page table
+comes last and the kernels read its width from the device, so only ``B * W`` entries travel.
+
+Two pinned host buffers alternate: the one being filled was last copied two steps ago, and its
+copy is waited for (an event) before it is overwritten.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .batch_plan import BatchPlan
+from .forward_batch import ForwardBatch
+
+
+def _offsets(t: int, b: int, r: int) -> tuple[int, int, int, int, int, int, int, int]:
+    """ids, positions, slots, seq_lens, q_starts, logits_rows, width, page_table."""
+    seq = 3 * t
+    rows = seq + 2 * b + 1
+    return 0, t, 2 * t, seq, seq + b, rows, rows + r, rows + r + 1
+
+
+class BatchBuffers:
+    def __init__(self, max_tokens: int, max_seqs: int, max_pages: int, page_size: int, dtype: torch.dtype,
+                 device: torch.device, fixed_width: bool = False) -> None:
+        """``fixed_width``: always lay the page table out ``max_pages`` wide (for kernels that take its
+        stride at launch, e.g. flash-attn's, so a captured graph stays valid)."""
+        self.max_tokens, self.max_seqs, self.max_pages = max_tokens, max_seqs, max_pages
+        self.page_size, self.dtype, self.device = page_size, dtype, device
+        self.fixed_width = fixed_width
+        size = _offsets(max_tokens, max_seqs, max_tokens)[-1] + max_seqs * max_pages
+        self.device_buf = torch.zeros(size, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self._host = [torch.zeros(size, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._host_np = [h.numpy() for h in self._host]
+        self._events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._turn = 0
+
+    def load(self, plan: BatchPlan, pad_to: int | None = None) -> ForwardBatch:
+        """Copy ``plan`` to the device; ``pad_to``: a decode batch padded to that many rows (no
+        logits rows: a graph computes every row's logits). Padded rows write no KV and see no context."""
+        n, b = len(plan.ids), plan.batch_size
+        t = bb = pad_to if pad_to is not None else n
+        r = 0 if pad_to is not None else len(plan.logits_rows)
+        if pad_to is None:
+            bb = b
+        if t > self.max_tokens or bb > self.max_seqs:
+            raise RuntimeError(f"step of {t} tokens / {bb} sequences exceeds the buffers "
+                               f"({self.max_tokens} / {self.max_seqs})")
+        width = self.max_pages if self.fixed_width else max((len(p) for p in plan.tables), default=1)
+        o_ids, o_pos, o_slot, o_len, o_qs, o_rows, o_w, o_pt = _offsets(t, bb, r)
+        turn = self._turn
+        self._turn ^= 1
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()  # its previous copy (two steps ago) has finished
+        h = self._host_np[turn]
+        h[o_ids:o_ids + n] = plan.ids
+        h[o_pos:o_pos + n] = plan.positions
+        h[o_slot:o_slot + n] = plan.slots
+        h[o_len:o_len + b] = plan.seq_lens
+        h[o_qs:o_qs + b + 1] = plan.q_starts
+        if pad_to is not None and t > n:
+            h[o_ids + n:o_ids + t] = 0
+            h[o_pos + n:o_pos + t] = 0
+            h[o_slot + n:o_slot + t] = -1
+            h[o_len + b:o_len + bb] = 0
+            h[o_qs + b + 1:o_qs + bb + 1] = np.arange(n + 1, t + 1)
+        h[o_rows:o_rows + r] = plan.logits_rows[:r]
+        h[o_w] = width
+        for i, pages in enumerate(plan.tables):
+            h[o_pt + i * width:o_pt + i * width + len(pages)] = pages
+        used = o_pt + bb * width
+        self.device_buf[:used].copy_(self._host[turn][:used], non_blocking=True)
+        if self._events[turn] is not None:
+            self._events[turn].record()
+        d = self.device_buf
+        return ForwardBatch(
+            input_ids=d[o_ids:o_ids + t], positions=d[o_pos:o_pos + t], out_slots=d[o_slot:o_slot + t],
+            page_table=d[o_pt:used].view(bb, width), seq_lens=d[o_len:o_len + bb], q_starts=d[o_qs:o_qs + bb + 1],
+            logits_rows=d[o_rows:o_rows + r], page_size=self.page_size, num_decodes=t if pad_to else plan.num_decodes,
+            dtype=self.dtype, seq_lens_host=plan.seq_lens + [0] * (bb - b), q_lens_host=plan.q_lens + [1] * (bb - b),
+            q_starts_host=plan.q_starts[:-1] + list(range(n, t)) if pad_to else plan.q_starts[:-1],
+            page_table_width=d[o_w:o_w + 1])
