@@ -81,7 +81,7 @@ def _decode_kernel(q_ptr, kv_ptr, pt_ptr, pt_stride_ptr, seq_lens_ptr, out_ptr, 
                  mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # varies with the batch size
 def _merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_o, num_splits,
                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)

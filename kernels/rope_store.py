@@ -60,16 +60,16 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, slot_ptr, kv_p
         tl.store(ptr + 1, o.to(dtype), mask=m)
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
+    if slot >= 0:  # (names differ from the q block's: a value's shape may not change across branches)
         hk = tl.arange(0, BLOCK_HK)
-        m = (hk[:, None] < NUM_KV_HEADS) & half_mask[None, :]
+        mk = (hk[:, None] < NUM_KV_HEADS) & half_mask[None, :]
         src = k_ptr + t * stride_k + hk[:, None] * HEAD_DIM + 2 * half[None, :]
-        e = tl.load(src, mask=m, other=0.0).to(tl.float32)
-        o = tl.load(src + 1, mask=m, other=0.0).to(tl.float32)
-        e, o = _norm_rope(e, o, k_norm_ptr, cos, sin, half, half_mask, eps, HEAD_DIM, dtype, NORM, ROPE)
+        ke = tl.load(src, mask=mk, other=0.0).to(tl.float32)
+        ko = tl.load(src + 1, mask=mk, other=0.0).to(tl.float32)
+        ke, ko = _norm_rope(ke, ko, k_norm_ptr, cos, sin, half, half_mask, eps, HEAD_DIM, dtype, NORM, ROPE)
         dst = kv_ptr + slot * stride_slot + hk[:, None] * HEAD_DIM + 2 * half[None, :]
-        tl.store(dst, e.to(dtype), mask=m)
-        tl.store(dst + 1, o.to(dtype), mask=m)
+        tl.store(dst, ke.to(dtype), mask=mk)
+        tl.store(dst + 1, ko.to(dtype), mask=mk)
         d = tl.arange(0, 2 * HALF)
         mv = (hk[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
         v = tl.load(v_ptr + t * stride_v + hk[:, None] * HEAD_DIM + d[None, :], mask=mv, other=0.0)

@@ -66,6 +66,6 @@ class CudaGraphRunner:
     def replay(self, plan: BatchPlan) -> torch.Tensor:
         n = plan.batch_size
         bs = next(s for s in self.sizes if s >= n)
-        self.buffers.load(plan, pad_to=bs)
+        self.buffers.write(plan, pad_to=bs)
         self._graphs[bs].replay()
         return self.logits[:n]
