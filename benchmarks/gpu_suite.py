@@ -47,9 +47,11 @@ MODELS = {
                                    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
 }
+TINY = False
 GOALS = {"decode_tok_s": {"llama-3.2-1b": 1000, "qwen2.5-0.5b": 1500}, "ttft_ms": {"qwen2.5-0.5b": 8.0},
          "ready_s": {"llama-3.2-1b": 20.0}}
 TIE_TOL = 0.1  # a greedy token may differ only where transformers' own top two logits are this close
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of the script itself (--tiny)
 
 
 class SectionTimeout(Exception):
@@ -80,11 +82,13 @@ def build_model(name: str, root: Path) -> Path:
 
     family, cfg = MODELS[name]
     out = root / name
+    if TINY:
+        cfg = {**cfg, "num_hidden_layers": 2, "vocab_size": 4096}
     if (out / "config.json").exists():
         return out
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(**cfg, bos_token_id=1, eos_token_id=2)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = getattr(transformers, f"{family}ForCausalLM")(config).to(torch.bfloat16)
     model.save_pretrained(out)
     del model
@@ -95,14 +99,16 @@ def build_model(name: str, root: Path) -> Path:
 def hf_model(folder: Path, dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").cuda().eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(DEVICE).eval()
 
 
 def engine(folder: Path, **kw):
     from nbengine.engine import Engine
 
     kw.setdefault("max_total_tokens", 65536)
-    return Engine(str(folder), device="cuda", skip_tokenizer_init=True, random_seed=0, **kw)
+    if DEVICE == "cuda":
+        kw.setdefault("cuda_graph_max_bs", 16)
+    return Engine(str(folder), device=DEVICE, skip_tokenizer_init=True, random_seed=0, **kw)
 
 
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -110,11 +116,16 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(100, vocab - 100, (n, length), generator=g).tolist()
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def sync_time(fn) -> float:
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -123,6 +134,9 @@ def section_env(res: dict) -> None:
     import transformers
     import triton
 
+    if DEVICE == "cpu":
+        res.update(device="cpu (dry run)", copy_tb_s=0.0, date=time.strftime("%Y-%m-%d %H:%M"))
+        return
     p = torch.cuda.get_device_properties(0)
     res.update(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count, torch=torch.__version__,
                triton=triton.__version__, transformers=transformers.__version__,
@@ -140,7 +154,7 @@ def section_env(res: dict) -> None:
 def first_divergence(ours, ref, hf, prompt) -> dict:
     for i, (a, b) in enumerate(zip(ours, ref)):
         if a != b:
-            ids = torch.tensor([prompt + ref[:i]], device="cuda")
+            ids = torch.tensor([prompt + ref[:i]], device=DEVICE)
             with torch.inference_mode():
                 top2 = hf(ids).logits[0, -1].float().topk(2).values
             margin = (top2[0] - top2[1]).item()
@@ -149,7 +163,7 @@ def first_divergence(ours, ref, hf, prompt) -> dict:
 
 
 def section_correct(name: str, folder: Path, res: dict) -> None:
-    vocab = MODELS[name][1]["vocab_size"]
+    vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     ps = [p[: n] for p, n in zip(prompts(4, 250, vocab, 1), (7, 33, 100, 250))]
     sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     out = {}
@@ -163,7 +177,7 @@ def section_correct(name: str, folder: Path, res: dict) -> None:
         divs = []
         for p, o in zip(ps, ours):
             with torch.inference_mode():
-                ref = hf.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=24,
+                ref = hf.generate(torch.tensor([p], device=DEVICE), do_sample=False, max_new_tokens=24,
                                   min_new_tokens=24)[0, len(p):].tolist()
             divs.append(first_divergence(o, ref, hf, p))
         del hf
@@ -182,7 +196,7 @@ def section_correct(name: str, folder: Path, res: dict) -> None:
 
 
 def section_decode(name: str, folder: Path, res: dict, new_tokens: int = 256) -> None:
-    vocab = MODELS[name][1]["vocab_size"]
+    vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     prompt = prompts(1, 128, vocab, 2)[0]
     sp = {"temperature": 0, "ignore_eos": True}
     with engine(folder) as llm:
@@ -197,7 +211,7 @@ def section_decode(name: str, folder: Path, res: dict, new_tokens: int = 256) ->
     ours = new_tokens / (tn - t1)
     # the peer: transformers' generate, batch 1, default (dynamic) cache, sdpa
     hf = hf_model(folder)
-    ids = torch.tensor([prompt], device="cuda")
+    ids = torch.tensor([prompt], device=DEVICE)
     n_hf = 48
     with torch.inference_mode():
         hf.generate(ids, do_sample=False, max_new_tokens=4, min_new_tokens=4)
@@ -213,7 +227,7 @@ def section_decode(name: str, folder: Path, res: dict, new_tokens: int = 256) ->
 
 
 def section_ttft(name: str, folder: Path, res: dict) -> None:
-    vocab = MODELS[name][1]["vocab_size"]
+    vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     ps = prompts(6, 1024, vocab, 3)
     sp = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
     with engine(folder) as llm:
@@ -221,9 +235,9 @@ def section_ttft(name: str, folder: Path, res: dict) -> None:
         ours = statistics.median(sync_time(lambda p=p: llm.generate(input_ids=p, sampling_params=sp)) for p in ps[1:])
     hf = hf_model(folder)
     with torch.inference_mode():
-        hf(torch.tensor([ps[0]], device="cuda")).logits[0, -1].argmax().item()
-        peer = statistics.median(sync_time(lambda p=p: hf(torch.tensor([p], device="cuda")).logits[0, -1]
-                                           .argmax().item()) for p in ps[1:])
+        hf(torch.tensor([ps[0]], device=DEVICE), logits_to_keep=1).logits[0, -1].argmax().item()
+        peer = statistics.median(sync_time(lambda p=p: hf(torch.tensor([p], device=DEVICE), logits_to_keep=1)
+                                           .logits[0, -1].argmax().item()) for p in ps[1:])
     del hf
     torch.cuda.empty_cache()
     res[name] = {"ms": 1e3 * ours, "hf_ms": 1e3 * peer, "ratio": peer / ours}
@@ -236,7 +250,7 @@ def section_ready(name: str, folder: Path, res: dict) -> None:
     out = {}
     for label in ("first", "again"):
         t0 = time.perf_counter()
-        llm = Engine(str(folder), device="cuda", skip_tokenizer_init=True)  # defaults: pool from free memory
+        llm = Engine(str(folder), device=DEVICE, skip_tokenizer_init=True)  # defaults: pool from free memory
         ready = time.perf_counter() - t0
         info = llm.get_server_info()
         llm.shutdown()
@@ -251,18 +265,18 @@ def section_ready(name: str, folder: Path, res: dict) -> None:
 def section_profile(name: str, folder: Path, res: dict, steps: int = 32) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    vocab = MODELS[name][1]["vocab_size"]
+    vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     prompt = prompts(1, 128, vocab, 4)[0]
     sp = {"temperature": 0, "ignore_eos": True}
     out = {}
     for mode, kw in (("graphs", {}), ("eager", {"disable_cuda_graph": True})):
         with engine(folder, **kw) as llm:
             llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": 8})
-            torch.cuda.synchronize()
+            sync()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
                 llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": steps + 1})
-                torch.cuda.synchronize()
+                sync()
                 wall = time.perf_counter() - t0
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
@@ -297,8 +311,9 @@ def table(results: dict) -> str:
                      f"{d.get('host_ms_per_step', 0):7.3f} | {d.get('hf_tok_s', 0):8.1f} | {t.get('ms', 0):8.2f} | "
                      f"{t.get('hf_ms', 0):8.2f} | {agree}")
     for name, r in results.get("ready", {}).items():
-        lines.append(f"Engine() ready {name}: first {r['first']['ready_s']:.1f}s (warm-up {r['first']['warmup_s']:.1f}s,"
-                     f" capture {r['first']['capture_s']:.1f}s), again {r['again']['ready_s']:.1f}s")
+        f, a = r.get("first", {}), r.get("again", {})
+        lines.append(f"Engine() ready {name}: first {f.get('ready_s')}s (warm-up {f.get('warmup_s')}s, capture "
+                     f"{f.get('capture_s')}s), again {a.get('ready_s')}s")
     for name, r in results.get("profile", {}).items():
         for mode, p in r.items():
             lines.append(f"profile {name} {mode}: {p['kernels_per_step']:.0f} kernels/step, GPU busy "
@@ -314,7 +329,10 @@ def main() -> None:
     ap.add_argument("--sections", default="env," + ",".join(SECTIONS))
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--model-dir", default="/tmp/nbengine-gpu-suite")
+    ap.add_argument("--tiny", action="store_true", help="2-layer models with a 4k vocabulary: a dry run of the script")
     args = ap.parse_args()
+    global TINY
+    TINY = args.tiny
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models, sections = args.models.split(","), args.sections.split(",")
@@ -330,7 +348,8 @@ def main() -> None:
                 raise
             results["errors"][key] = f"{type(e).__name__}: {e}"
             log(f"!! {key} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         log(f"-- {key} took {time.perf_counter() - t0:.1f}s")
         (out / "gpu_suite.json").write_text(json.dumps(results, indent=1, default=str))
 
