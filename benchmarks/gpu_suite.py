@@ -165,7 +165,7 @@ def first_divergence(ours, ref, hf, prompt) -> dict:
 def section_correct(name: str, folder: Path, res: dict) -> None:
     vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     ps = [p[: n] for p, n in zip(prompts(4, 250, vocab, 1), (7, 33, 100, 250))]
-    sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    sp = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
     out = {}
     for dtype in (["bfloat16", "float16"] if name == "qwen2.5-0.5b" else ["bfloat16"]):
         tdt = getattr(torch, dtype)
@@ -177,8 +177,8 @@ def section_correct(name: str, folder: Path, res: dict) -> None:
         divs = []
         for p, o in zip(ps, ours):
             with torch.inference_mode():
-                ref = hf.generate(torch.tensor([p], device=DEVICE), do_sample=False, max_new_tokens=24,
-                                  min_new_tokens=24)[0, len(p):].tolist()
+                ref = hf.generate(torch.tensor([p], device=DEVICE), do_sample=False, max_new_tokens=16,
+                                  min_new_tokens=16)[0, len(p):].tolist()
             divs.append(first_divergence(o, ref, hf, p))
         del hf
         torch.cuda.empty_cache()
@@ -186,12 +186,16 @@ def section_correct(name: str, folder: Path, res: dict) -> None:
         out[dtype] = {"agree_with_transformers": ok, "divergences": divs, "graphs_equal_eager": ours == eager}
         log(f"  {name} {dtype}: agree={ok} graphs==eager={ours == eager} {divs}")
     seeded = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 16, "seed": 11, "ignore_eos": True}
+    batch_sp = [seeded if i == 1 else {**seeded, "seed": 100 + i} for i in range(4)]
     with engine(folder) as llm:
-        a = llm.generate(input_ids=ps[1], sampling_params=seeded)["output_ids"]
-        b = llm.generate(input_ids=ps, sampling_params=[seeded if i == 1 else {**seeded, "seed": None}
-                                                        for i in range(4)])[1]["output_ids"]
-    out["seeded_reproducible"] = a == b
-    log(f"  {name} seeded sampling reproducible: {a == b}")
+        alone = [llm.generate(input_ids=ps[1], sampling_params=seeded)["output_ids"] for _ in range(2)]
+        batch = [llm.generate(input_ids=ps, sampling_params=batch_sp) for _ in range(2)]
+    out["seeded_reproducible"] = alone[0] == alone[1] and [o["output_ids"] for o in batch[0]] == [
+        o["output_ids"] for o in batch[1]]
+    # informational: bf16 GEMMs differ by batch size, so a seeded request in a batch may sample differently
+    out["seeded_same_alone_and_in_batch"] = alone[0] == batch[0][1]["output_ids"]
+    log(f"  {name} seeded sampling reproducible: {out['seeded_reproducible']}, "
+        f"same alone and in a batch: {out['seeded_same_alone_and_in_batch']}")
     res[name] = out
 
 
@@ -209,6 +213,11 @@ def section_decode(name: str, folder: Path, res: dict, new_tokens: int = 256) ->
             **sp, "max_new_tokens": new_tokens + 1})) for _ in range(3))
         host_ms = 1e3 * (runner.times.host_s - host0) / max(1, runner.times.steps - steps0)
     ours = new_tokens / (tn - t1)
+    with engine(folder, disable_cuda_graph=True) as llm:
+        llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": 8})
+        e1 = sync_time(lambda: llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": 1}))
+        en = sync_time(lambda: llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": 65}))
+    eager = 64 / (en - e1)
     # the peer: transformers' generate, batch 1, default (dynamic) cache, sdpa
     hf = hf_model(folder)
     ids = torch.tensor([prompt], device=DEVICE)
@@ -221,18 +230,29 @@ def section_decode(name: str, folder: Path, res: dict, new_tokens: int = 256) ->
     torch.cuda.empty_cache()
     peer = n_hf / (hn - h1)
     res[name] = {"tok_s": ours, "ms_per_token": 1e3 / ours, "host_ms_per_step": host_ms, "hf_tok_s": peer,
-                 "ratio": ours / peer}
+                 "ratio": ours / peer, "eager_tok_s": eager}
     log(f"  {name} decode: {ours:.0f} tok/s ({1e3 / ours:.3f} ms/token, host {host_ms:.3f} ms/step); "
-        f"transformers {peer:.1f} tok/s")
+        f"transformers {peer:.1f} tok/s; eager (no graphs) {eager:.0f} tok/s")
 
 
 def section_ttft(name: str, folder: Path, res: dict) -> None:
+    from nbengine.kernels import launch as fast
+
     vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     ps = prompts(6, 1024, vocab, 3)
     sp = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
+    out = {}
     with engine(folder) as llm:
+        runner = llm._thread.core.runner
         llm.generate(input_ids=ps[0], sampling_params=sp)
-        ours = statistics.median(sync_time(lambda p=p: llm.generate(input_ids=p, sampling_params=sp)) for p in ps[1:])
+        for mode in ("fast_launch", "triton_dispatcher"):
+            fast._enabled = mode == "fast_launch"
+            steps0, host0 = runner.times.steps, runner.times.host_s
+            ms = 1e3 * statistics.median(sync_time(lambda p=p: llm.generate(input_ids=p, sampling_params=sp))
+                                         for p in ps[1:])
+            out[mode] = {"ms": ms, "host_ms_of_step": 1e3 * (runner.times.host_s - host0) /
+                         max(1, runner.times.steps - steps0)}
+        fast._enabled = True
     hf = hf_model(folder)
     with torch.inference_mode():
         hf(torch.tensor([ps[0]], device=DEVICE), logits_to_keep=1).logits[0, -1].argmax().item()
@@ -240,26 +260,55 @@ def section_ttft(name: str, folder: Path, res: dict) -> None:
                                            .logits[0, -1].argmax().item()) for p in ps[1:])
     del hf
     torch.cuda.empty_cache()
-    res[name] = {"ms": 1e3 * ours, "hf_ms": 1e3 * peer, "ratio": peer / ours}
-    log(f"  {name} TTFT(1024): {1e3 * ours:.2f} ms; transformers {1e3 * peer:.2f} ms")
+    res[name] = {"ms": out["fast_launch"]["ms"], "hf_ms": 1e3 * peer, "ratio": 1e3 * peer / out["fast_launch"]["ms"],
+                 **out}
+    log(f"  {name} TTFT(1024): {json.dumps(out)}; transformers {1e3 * peer:.2f} ms")
+
+
+READY_SNIPPET = """
+import json, sys, time
+t0 = time.perf_counter()
+from nbengine.engine import Engine
+t1 = time.perf_counter()
+llm = Engine(sys.argv[1], device="cuda", skip_tokenizer_init=True)
+t2 = time.perf_counter()
+out = llm.generate(input_ids=list(range(100, 228)), sampling_params={"max_new_tokens": 8, "temperature": 0})
+t3 = time.perf_counter()
+info = llm.get_server_info()
+print(json.dumps({"import_s": t1 - t0, "ready_s": t2 - t1, "first_request_s": t3 - t2, "warmup_s": info.get("warmup_s"),
+                  "capture_s": info.get("cuda_graph_capture_s"), "graphs": len(info["cuda_graph_batch_sizes"]),
+                  "kv_tokens": info["max_total_num_tokens"]}))
+"""
 
 
 def section_ready(name: str, folder: Path, res: dict) -> None:
-    from nbengine.engine import Engine
+    """Engine() with its defaults in a fresh process: first with an empty Triton cache (every kernel
+    compiles), then again (kernels from the disk cache), as a new notebook session would see it."""
+    import subprocess
+    import tempfile
 
+    cache = tempfile.mkdtemp(prefix="triton-cache-")
     out = {}
-    for label in ("first", "again"):
-        t0 = time.perf_counter()
-        llm = Engine(str(folder), device=DEVICE, skip_tokenizer_init=True)  # defaults: pool from free memory
-        ready = time.perf_counter() - t0
-        info = llm.get_server_info()
-        llm.shutdown()
-        torch.cuda.empty_cache()
-        out[label] = {"ready_s": ready, "warmup_s": info.get("warmup_s"),
-                      "capture_s": info.get("cuda_graph_capture_s"), "graphs": len(info["cuda_graph_batch_sizes"]),
-                      "kv_tokens": info["max_total_num_tokens"]}
+    for label in ("cold_triton_cache", "warm_triton_cache"):
+        env = {**os.environ, "TRITON_CACHE_DIR": cache}
+        r = subprocess.run([sys.executable, "-c", READY_SNIPPET, str(folder)], env=env, capture_output=True,
+                           text=True, timeout=100)
+        lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        out[label] = json.loads(lines[-1]) if lines else {"error": r.stderr[-2000:]}
         log(f"  {name} Engine() {label}: {out[label]}")
     res[name] = out
+
+
+def _kernel_summary(prof, wall: float, steps: int) -> dict:
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernels_per_step": len(kernels) / steps, "gpu_busy_fraction": busy / wall,
+            "wall_ms_per_step": 1e3 * wall / steps, "gpu_ms_per_step": 1e3 * busy / steps,
+            "top_kernels_us_per_step": [(n[:70], round(t / steps, 2)) for n, t in top]}
 
 
 def section_profile(name: str, folder: Path, res: dict, steps: int = 32) -> None:
@@ -267,39 +316,93 @@ def section_profile(name: str, folder: Path, res: dict, steps: int = 32) -> None
 
     vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     prompt = prompts(1, 128, vocab, 4)[0]
+    long_prompt = prompts(2, 1024, vocab, 5)
     sp = {"temperature": 0, "ignore_eos": True}
     out = {}
-    for mode, kw in (("graphs", {}), ("eager", {"disable_cuda_graph": True})):
+    modes = [("graphs", {})] + ([("eager", {"disable_cuda_graph": True})] if name == "llama-3.2-1b" else [])
+    for mode, kw in modes:
         with engine(folder, **kw) as llm:
             llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": 8})
+            llm.generate(input_ids=long_prompt[0], sampling_params={**sp, "max_new_tokens": 1})
             sync()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
                 llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": steps + 1})
                 sync()
                 wall = time.perf_counter() - t0
-        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-        busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
-        by_name: dict[str, float] = {}
-        for e in kernels:
-            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
-        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
-        out[mode] = {"kernels_per_step": len(kernels) / (steps + 1), "gpu_busy_fraction": busy / wall,
-                     "wall_ms_per_step": 1e3 * wall / (steps + 1), "gpu_ms_per_step": 1e3 * busy / (steps + 1),
-                     "top_kernels_us_per_step": [(n[:80], t / (steps + 1)) for n, t in top]}
-        log(f"  {name} profile {mode}: {json.dumps(out[mode], indent=1)}")
+            out[f"decode_{mode}"] = _kernel_summary(prof, wall, steps + 1)
+            if mode == "graphs":  # one 1024-token prefill (an eager step)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    t0 = time.perf_counter()
+                    llm.generate(input_ids=long_prompt[1], sampling_params={**sp, "max_new_tokens": 1})
+                    sync()
+                    wall = time.perf_counter() - t0
+                out["prefill_1024"] = _kernel_summary(prof, wall, 1)
+        for k in out:
+            log(f"  {name} profile {k}: {json.dumps(out[k])}")
     res[name] = out
 
 
-SECTIONS = {"correct": (section_correct, 240), "decode": (section_decode, 150), "ttft": (section_ttft, 90),
-            "ready": (section_ready, 120), "profile": (section_profile, 120)}
-PER_MODEL = {"correct": None, "decode": None, "ttft": None, "ready": ["llama-3.2-1b"], "profile": ["llama-3.2-1b"]}
+def section_launch(name: str, folder: Path, res: dict, n: int = 300) -> None:
+    """Host cost of one launch: a torch op, a Triton kernel through its dispatcher and through the fast
+    path, writing a step's metadata, and replaying the batch-1 decode graph."""
+    from nbengine.batch_plan import BatchPlan
+    from nbengine.kernels import launch as fast
+    from nbengine.kernels.norm import add_rms_norm
+
+    def host_us_n(fn, count: int) -> float:
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            fn()
+        t = time.perf_counter() - t0
+        sync()
+        return 1e6 * t / count
+
+    def host_us(fn) -> float:
+        return host_us_n(fn, n)
+
+    x = torch.randn(1, 2048, device=DEVICE, dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.ones(2048, device=DEVICE, dtype=torch.bfloat16)
+    out = {"torch_add_us": host_us(lambda: torch.add(x, r))}
+    fast._enabled = False
+    out["triton_dispatcher_us"] = host_us(lambda: add_rms_norm(x, r, w, 1e-6))
+    fast._enabled = True
+    out["triton_fast_launch_us"] = host_us(lambda: add_rms_norm(x, r, w, 1e-6))
+    with engine(folder, cuda_graph_max_bs=1) as llm:
+        runner = llm._thread.core.runner
+        plan = BatchPlan(16, ids=[5], positions=[130], slots=[16 * 9 + 2], seq_lens=[131], q_lens=[1],
+                         q_starts=[0, 1], tables=[list(range(1, 10))], logits_rows=[0], sample_rows=[0],
+                         num_decodes=1)
+
+        def replay() -> None:
+            runner.graphs.replay(plan)
+
+        def call_on_engine(fn):
+            return llm._thread.call(fn)
+
+        out["write_metadata_us"] = call_on_engine(lambda: host_us(lambda: runner.buffers.write(plan, pad_to=1)))
+        # replays: few enough that the launch queue never fills (that would block the host)
+        out["graph_step_host_us"] = call_on_engine(lambda: host_us_n(replay, 30))
+        out["graph_step_gpu_us"] = call_on_engine(lambda: 1e6 * sync_time(lambda: [replay() for _ in range(30)]) / 30)
+        out["layers"] = runner.model.cfg.num_layers
+    res[name] = out
+    log(f"  {name} launch costs: {out}")
+
+
+SECTIONS = {"correct": (section_correct, 150), "decode": (section_decode, 90), "ttft": (section_ttft, 60),
+            "profile": (section_profile, 90), "launch": (section_launch, 60), "ready": (section_ready, 200)}
+PER_MODEL = {"correct": None, "decode": None, "ttft": None, "ready": ["llama-3.2-1b"], "launch": None,
+             "profile": None}
 
 
 def table(results: dict) -> str:
-    lines = [f"device: {results.get('env', {}).get('device', '?')}   "
-             f"copy {results.get('env', {}).get('copy_tb_s', 0):.2f} TB/s   date {results.get('env', {}).get('date')}",
-             f"{'model':14} | {'decode tok/s':>12} | {'ms/tok':>7} | {'host ms':>7} | {'HF tok/s':>8} | "
+    env = results.get("env", {})
+    lines = [f"device: {env.get('device', '?')}   copy {env.get('copy_tb_s', 0):.2f} TB/s   date {env.get('date')}   "
+             f"commit {env.get('commit')}",
+             f"{'model':14} | {'decode tok/s':>12} | {'ms/tok':>7} | {'host ms':>7} | {'eager':>6} | {'HF tok/s':>8} | "
              f"{'TTFT ms':>8} | {'HF TTFT':>8} | agree"]
     for name in MODELS:
         d = results.get("decode", {}).get(name, {})
@@ -307,18 +410,22 @@ def table(results: dict) -> str:
         c = results.get("correct", {}).get(name, {})
         agree = ",".join(f"{k[:4]}={'y' if v['agree_with_transformers'] else 'N'}" for k, v in c.items()
                          if isinstance(v, dict))
+        if "seeded_reproducible" in c:
+            agree += f",seed={'y' if c['seeded_reproducible'] else 'N'}"
         lines.append(f"{name:14} | {d.get('tok_s', 0):12.0f} | {d.get('ms_per_token', 0):7.3f} | "
-                     f"{d.get('host_ms_per_step', 0):7.3f} | {d.get('hf_tok_s', 0):8.1f} | {t.get('ms', 0):8.2f} | "
-                     f"{t.get('hf_ms', 0):8.2f} | {agree}")
+                     f"{d.get('host_ms_per_step', 0):7.3f} | {d.get('eager_tok_s', 0):6.0f} | {d.get('hf_tok_s', 0):8.1f} | "
+                     f"{t.get('ms', 0):8.2f} | {t.get('hf_ms', 0):8.2f} | {agree}")
     for name, r in results.get("ready", {}).items():
-        f, a = r.get("first", {}), r.get("again", {})
-        lines.append(f"Engine() ready {name}: first {f.get('ready_s')}s (warm-up {f.get('warmup_s')}s, capture "
-                     f"{f.get('capture_s')}s), again {a.get('ready_s')}s")
+        for label, v in r.items():
+            lines.append(f"Engine() {name} {label}: ready {v.get('ready_s', 0):.1f}s (warm-up {v.get('warmup_s')}, "
+                         f"capture {v.get('capture_s')}), import {v.get('import_s', 0):.1f}s")
     for name, r in results.get("profile", {}).items():
         for mode, p in r.items():
             lines.append(f"profile {name} {mode}: {p['kernels_per_step']:.0f} kernels/step, GPU busy "
                          f"{100 * p['gpu_busy_fraction']:.0f}%, {p['gpu_ms_per_step']:.3f} GPU ms of "
                          f"{p['wall_ms_per_step']:.3f} ms/step")
+    for name, r in results.get("launch", {}).items():
+        lines.append(f"launch {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
     lines.append(f"errors: {list(results.get('errors', {}))}")
     return "\n".join(lines)
 

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
@@ -25,7 +27,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     out = torch.empty_like(x2)
@@ -33,19 +35,19 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     warps = min(max(block // 256, 1), 8)
     res = residual.reshape(-1, n) if residual is not None else x2
     if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), n, eps,
-                                         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)
+        launch(_rms_norm_kernel, (x2.shape[0],), (x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), n, eps),
+               dict(HAS_RESIDUAL=residual is not None, BLOCK=block), num_warps=warps)
     return out.view(x.shape)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (rows may be strided; the last dim must be contiguous)."""
-    return _launch(x, None, weight, eps)
+    return _norm(x, None, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x`` in place (``residual = x`` when None), then RMSNorm of it; returns both."""
     if residual is None:
-        return _launch(x, None, weight, eps), x
-    return _launch(x, residual, weight, eps), residual
+        return _norm(x, None, weight, eps), x
+    return _norm(x, residual, weight, eps), residual
