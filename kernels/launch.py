@@ -57,7 +57,7 @@ def launch(fn, grid: tuple[int, ...], args: tuple, constexprs: dict[str, Any], *
     kernel = _compiled.get(key)
     if kernel is not None:
         try:
-            kernel[grid](*args, *constexprs.values())
+            kernel[grid + (1,) * (3 - len(grid))](*args, *constexprs.values())  # it takes a 3-D grid
             return
         except Exception:  # noqa: BLE001 - an API this Triton lacks: use its dispatcher from now on
             logger.warning("fast Triton launch failed; using Triton's dispatcher", exc_info=True)

@@ -101,8 +101,11 @@ class BatchBuffers:
         h[o_w] = width
         for i, pages in enumerate(plan.tables):
             h[o_pt + i * width:o_pt + i * width + len(pages)] = pages
-        used = o_pt + bb * width
+        return self._send(turn, o_pt + bb * width, (t, bb, r, width, offsets))
+
+    def _send(self, turn: int, used: int, result: tuple) -> tuple:
         self.device_buf[:used].copy_(self._host[turn][:used], non_blocking=True)
         if self._events[turn] is not None:
             self._events[turn].record()
-        return t, bb, r, width, offsets
+        return result
+
