@@ -236,23 +236,15 @@ def section_decode(name: str, folder: Path, res: dict, new_tokens: int = 256) ->
 
 
 def section_ttft(name: str, folder: Path, res: dict) -> None:
-    from nbengine.kernels import launch as fast
-
     vocab = 4096 if TINY else MODELS[name][1]["vocab_size"]
     ps = prompts(6, 1024, vocab, 3)
     sp = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
-    out = {}
     with engine(folder) as llm:
         runner = llm._thread.core.runner
         llm.generate(input_ids=ps[0], sampling_params=sp)
-        for mode in ("fast_launch", "triton_dispatcher"):
-            fast._enabled = mode == "fast_launch"
-            steps0, host0 = runner.times.steps, runner.times.host_s
-            ms = 1e3 * statistics.median(sync_time(lambda p=p: llm.generate(input_ids=p, sampling_params=sp))
-                                         for p in ps[1:])
-            out[mode] = {"ms": ms, "host_ms_of_step": 1e3 * (runner.times.host_s - host0) /
-                         max(1, runner.times.steps - steps0)}
-        fast._enabled = True
+        steps0, host0 = runner.times.steps, runner.times.host_s
+        ours = statistics.median(sync_time(lambda p=p: llm.generate(input_ids=p, sampling_params=sp)) for p in ps[1:])
+        host_ms = 1e3 * (runner.times.host_s - host0) / max(1, runner.times.steps - steps0)
     hf = hf_model(folder)
     with torch.inference_mode():
         hf(torch.tensor([ps[0]], device=DEVICE), logits_to_keep=1).logits[0, -1].argmax().item()
@@ -260,9 +252,9 @@ def section_ttft(name: str, folder: Path, res: dict) -> None:
                                            .logits[0, -1].argmax().item()) for p in ps[1:])
     del hf
     torch.cuda.empty_cache()
-    res[name] = {"ms": out["fast_launch"]["ms"], "hf_ms": 1e3 * peer, "ratio": 1e3 * peer / out["fast_launch"]["ms"],
-                 **out}
-    log(f"  {name} TTFT(1024): {json.dumps(out)}; transformers {1e3 * peer:.2f} ms")
+    res[name] = {"ms": 1e3 * ours, "host_ms_of_step": host_ms, "hf_ms": 1e3 * peer, "ratio": peer / ours}
+    log(f"  {name} TTFT(1024): {1e3 * ours:.2f} ms (host {host_ms:.2f} ms in the step); "
+        f"transformers {1e3 * peer:.2f} ms")
 
 
 READY_SNIPPET = """
@@ -344,50 +336,34 @@ def section_profile(name: str, folder: Path, res: dict, steps: int = 32) -> None
 
 
 def section_launch(name: str, folder: Path, res: dict, n: int = 300) -> None:
-    """Host cost of one launch: a torch op, a Triton kernel through its dispatcher and through the fast
-    path, writing a step's metadata, and replaying the batch-1 decode graph."""
+    """Host cost of one launch (a torch op, a Triton kernel), of writing a decode step's metadata,
+    and the GPU time of one batch-1 decode graph replay."""
     from nbengine.batch_plan import BatchPlan
-    from nbengine.kernels import launch as fast
     from nbengine.kernels.norm import add_rms_norm
 
-    def host_us_n(fn, count: int) -> float:
+    def host_us(fn) -> float:
         fn()
         sync()
         t0 = time.perf_counter()
-        for _ in range(count):
+        for _ in range(n):
             fn()
         t = time.perf_counter() - t0
         sync()
-        return 1e6 * t / count
-
-    def host_us(fn) -> float:
-        return host_us_n(fn, n)
+        return 1e6 * t / n
 
     x = torch.randn(1, 2048, device=DEVICE, dtype=torch.bfloat16)
     r = torch.randn_like(x)
     w = torch.ones(2048, device=DEVICE, dtype=torch.bfloat16)
-    out = {"torch_add_us": host_us(lambda: torch.add(x, r))}
-    fast._enabled = False
-    out["triton_dispatcher_us"] = host_us(lambda: add_rms_norm(x, r, w, 1e-6))
-    fast._enabled = True
-    out["triton_fast_launch_us"] = host_us(lambda: add_rms_norm(x, r, w, 1e-6))
+    out = {"torch_add_us": host_us(lambda: torch.add(x, r)),
+           "triton_rms_norm_us": host_us(lambda: add_rms_norm(x, r, w, 1e-6))}
     with engine(folder, cuda_graph_max_bs=1) as llm:
         runner = llm._thread.core.runner
         plan = BatchPlan(16, ids=[5], positions=[130], slots=[16 * 9 + 2], seq_lens=[131], q_lens=[1],
                          q_starts=[0, 1], tables=[list(range(1, 10))], logits_rows=[0], sample_rows=[0],
                          num_decodes=1)
-
-        def replay() -> None:
-            runner.graphs.replay(plan)
-
-        def call_on_engine(fn):
-            return llm._thread.call(fn)
-
-        out["write_metadata_us"] = call_on_engine(lambda: host_us(lambda: runner.buffers.write(plan, pad_to=1)))
-        # replays: few enough that the launch queue never fills (that would block the host)
-        out["graph_step_host_us"] = call_on_engine(lambda: host_us_n(replay, 30))
-        out["graph_step_gpu_us"] = call_on_engine(lambda: 1e6 * sync_time(lambda: [replay() for _ in range(30)]) / 30)
-        out["layers"] = runner.model.cfg.num_layers
+        out["write_metadata_us"] = llm._thread.call(lambda: host_us(lambda: runner.buffers.write(plan, pad_to=1)))
+        out["graph_replay_gpu_us"] = llm._thread.call(
+            lambda: 1e6 * sync_time(lambda: [runner.graphs.replay(plan) for _ in range(30)]) / 30)
     res[name] = out
     log(f"  {name} launch costs: {out}")
 

@@ -6,7 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
 
 
 @triton.jit
@@ -28,6 +27,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, i, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(i))
     if t:
-        launch(_silu_and_mul_kernel, (t, triton.cdiv(i, block)), (gate_up, out, gate_up.stride(0), out.stride(0), i),
-               dict(BLOCK=block), num_warps=4)
+        _silu_and_mul_kernel[(t, triton.cdiv(i, block))](gate_up, out, gate_up.stride(0), out.stride(0), i,
+                                                         BLOCK=block, num_warps=4)
     return out

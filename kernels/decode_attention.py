@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -131,12 +130,12 @@ def decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.
         part_lse = torch.empty(batch * h * num_splits, dtype=torch.float32, device=q.device)
     if batch == 0:
         return out
-    launch(_decode_kernel, (batch, hk, num_splits),
-           (q, kv_layer, page_table, pt_stride, seq_lens, out, part_o, part_lse,
-            q.stride(0), out.stride(0), kv_layer.stride(0), hk * d, page_size, scale * LOG2E),
-           dict(NUM_HEADS=h, GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-                BLOCK_N=block_n, DIRECT=direct, PRECISION=precision), num_warps=4, num_stages=2)
+    _decode_kernel[(batch, hk, num_splits)](
+        q, kv_layer, page_table, pt_stride, seq_lens, out, part_o, part_lse,
+        q.stride(0), out.stride(0), kv_layer.stride(0), hk * d, page_size, scale * LOG2E,
+        NUM_HEADS=h, GROUP=group, HEAD_DIM=d, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
+        BLOCK_N=block_n, DIRECT=direct, PRECISION=precision, num_warps=4, num_stages=2)
     if not direct:
-        launch(_merge_kernel, (batch, h), (part_o, part_lse, out, out.stride(0), num_splits),
-               dict(NUM_HEADS=h, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d), num_warps=1)
+        _merge_kernel[(batch, h)](part_o, part_lse, out, out.stride(0), num_splits, NUM_HEADS=h, HEAD_DIM=d,
+                                  BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1)
     return out

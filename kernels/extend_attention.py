@@ -15,7 +15,6 @@ import triton.language as tl
 
 from . import interpreting
 from .decode_attention import LOG2E
-from .launch import launch
 
 
 @triton.jit
@@ -113,9 +112,9 @@ def extend_attention(q: torch.Tensor, kv_layer: torch.Tensor, page_table: torch.
     if num_seqs == 0 or max_q_len == 0:
         return out
     grid = (num_seqs, h, triton.cdiv(max_q_len, block_m))
-    launch(_extend_kernel, grid,
-           (q, kv_layer, page_table, pt_stride, seq_lens, q_starts, out, first_seq,
-            q.stride(0), out.stride(0), kv_layer.stride(0), hk * d, page_size, scale * LOG2E),
-           dict(GROUP=h // hk, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32"), num_warps=warps, num_stages=stages)
+    _extend_kernel[grid](
+        q, kv_layer, page_table, pt_stride, seq_lens, q_starts, out, first_seq,
+        q.stride(0), out.stride(0), kv_layer.stride(0), hk * d, page_size, scale * LOG2E,
+        GROUP=h // hk, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
     return out

@@ -6,7 +6,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
 
 
 @triton.jit
@@ -35,8 +34,8 @@ def _norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, 
     warps = min(max(block // 256, 1), 8)
     res = residual.reshape(-1, n) if residual is not None else x2
     if x2.shape[0]:
-        launch(_rms_norm_kernel, (x2.shape[0],), (x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), n, eps),
-               dict(HAS_RESIDUAL=residual is not None, BLOCK=block), num_warps=warps)
+        _rms_norm_kernel[(x2.shape[0],)](x2, res, weight, out, x2.stride(0), res.stride(0), out.stride(0), n, eps,
+                                         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps)
     return out.view(x.shape)
 
 

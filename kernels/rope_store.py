@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
 
 
 @triton.jit
@@ -80,13 +79,12 @@ def _launch(q, k, v, positions, cos_sin, slots, kv_layer, num_heads, num_kv_head
     if t == 0:
         return
     norm = q_norm is not None
-    launch(_rope_store_kernel, (t, num_heads + num_kv_heads),
-           (q if q is not None else k, k, v, positions if rope else slots, cos_sin if rope else kv_layer, slots,
-            kv_layer, q_norm if norm else kv_layer, k_norm if norm else kv_layer,
-            q.stride(0) if q is not None else 0, k.stride(0), v.stride(0), kv_layer.stride(0),
-            num_kv_heads * head_dim, eps),
-           dict(NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-                HALF=triton.next_power_of_2(head_dim // 2), ROPE=rope, NORM=norm), num_warps=1)
+    _rope_store_kernel[(t, num_heads + num_kv_heads)](
+        q if q is not None else k, k, v, positions if rope else slots, cos_sin if rope else kv_layer, slots, kv_layer,
+        q_norm if norm else kv_layer, k_norm if norm else kv_layer,
+        q.stride(0) if q is not None else 0, k.stride(0), v.stride(0), kv_layer.stride(0), num_kv_heads * head_dim, eps,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=triton.next_power_of_2(head_dim // 2),
+        ROPE=rope, NORM=norm, num_warps=1)
 
 
 def rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv_layer: torch.Tensor,

@@ -182,32 +182,3 @@ def test_extend_attention_reads_the_cached_prefix_and_is_causal_over_new_tokens(
     assert torch.isnan(out[0]).all()  # row 0 (the decode) belongs to the decode kernel
     assert rel_err(out[1:], want[1:]) <= TOL[dtype]
 
-
-def test_fast_launch_reuses_a_compiled_kernel_only_for_the_same_specialization(monkeypatch):
-    """The dispatcher is skipped only when Triton would pick the same compiled kernel."""
-    from nbengine.kernels import launch as fast
-
-    calls = []
-
-    class Compiled:
-        def __getitem__(self, grid):
-            return lambda *args: calls.append(("fast", args[-1]))
-
-    class FakeJit:
-        arg_names = ["x", "n", "first", "C"]
-        do_not_specialize = ["first"]
-
-        def __getitem__(self, grid):
-            def run(*args, **kw):
-                calls.append(("dispatch", kw["C"]))
-                return Compiled()
-            return run
-
-    monkeypatch.setattr(fast, "interpreting", lambda: False)
-    monkeypatch.setattr(fast, "_enabled", True)
-    fn, x = FakeJit(), torch.zeros(64)
-    for n, first, c, t in [(16, 0, 1, x), (16, 5, 1, x), (1, 0, 1, x), (16, 0, 2, x), (16, 0, 1, x[1:]),
-                           (16, 0, 1, x.half())]:
-        fast.launch(fn, (1,), (t, n, first), {"C": c}, num_warps=4)
-    # only the second call (a do-not-specialize argument changed) skips the dispatcher
-    assert [k for k, _ in calls] == ["dispatch", "fast", "dispatch", "dispatch", "dispatch", "dispatch"]
