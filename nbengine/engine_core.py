@@ -89,6 +89,7 @@ class EngineCore:
         return self.scheduler.has_work()
 
     # ----------------------------------------------------------------- step
+    @torch.inference_mode()  # the sampler edits the step's (inference-mode) logits in place
     def step(self) -> None:
         items = self.scheduler.schedule()
         if not items:

@@ -44,7 +44,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4 & co: float16
+        # bfloat16 from Ampere on; older GPUs (a T4) get float16: the kernels need no Hopper/Ampere features there
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return _DTYPES[name]
 
 
@@ -165,6 +166,7 @@ class ModelRunner:
         del scratch
         torch.cuda.empty_cache()
         self.startup["warmup_s"] = time.perf_counter() - t0
+        logger.info("warm-up (kernel compilation) took %.2fs", self.startup["warmup_s"])
 
     def _capture_graphs(self) -> CudaGraphRunner | None:
         cfg = self.config
