@@ -106,7 +106,9 @@ class EngineCore:
             return
         seqs = [it.seq for it, _ in sampling]
         rows = [r for _, r in sampling]
-        if rows == list(range(len(rows))):  # every logits row samples (decodes): no gather, no host copy
+        if out.logits.is_cuda and rows == list(range(len(rows))):
+            # every logits row samples (GPU decodes): no gather and no host-to-device copy of the rows
+            # (on CPU the gather is a few microseconds; the CPU path is kept as it was)
             logits = out.logits[: len(rows)]
         else:
             logits = out.logits.index_select(0, torch.tensor(rows, device=out.logits.device))

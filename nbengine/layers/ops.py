@@ -14,6 +14,11 @@ from typing import Any, Callable
 import torch
 
 from ..errors import NBEngineError
+# Imported with the engine, on purpose: its import-time SDPA probe runs a first OpenMP region on the
+# importing (main) thread. GNU OpenMP then manages more threads than there are cores and shortens
+# its workers' spin-wait; imported lazily on the engine thread instead, the engine thread's worker
+# spun on a whole core and CPU decode ran 13-20x slower on the loaded 2-core machine (docs/NOTES.md).
+from .attention import TorchPagedAttention
 from .rotary import StepRope
 
 logger = logging.getLogger("nbengine")
@@ -69,7 +74,6 @@ def choose_backend(requested: str | None, device: torch.device, page_size: int) 
 def build_ops(backend: str, num_heads: int, num_kv_heads: int, head_dim: int) -> Ops:
     if backend == "torch":
         from ..kernels import reference as ref
-        from .attention import TorchPagedAttention
 
         def rope_store(qkv, rope: StepRope, kv_layer, slots, h, hk, d, q_norm, k_norm, eps) -> None:
             ref.rope_store(qkv, rope.cis, kv_layer, slots, h, hk, d, q_norm, k_norm, eps)
