@@ -26,6 +26,26 @@ if "ipykernel" in _sys.modules:  # in a kernel: let pasted asyncio.run(...) cell
     from .notebook.asyncio_patch import apply_in_kernel as _apply
 
     _apply()
+def _kernels_from_checkout() -> None:
+    """``nbengine.kernels`` lives in the top-level ``kernels/`` folder. An installed wheel has it in
+    place (pyproject maps it); a checkout on ``sys.path`` (or an editable install) loads it from
+    beside this package, so a worktree never picks up another checkout's kernels."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    src = here.parent / "kernels" / "__init__.py"
+    if (here / "kernels").is_dir() or not src.is_file() or f"{__name__}.kernels" in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(f"{__name__}.kernels", src,
+                                                  submodule_search_locations=[str(src.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_from_checkout()
 
 
 def __getattr__(name: str):

@@ -43,8 +43,6 @@ _KIND_NAMES = {"path": "a string path", "str": "a string", "int": "an integer", 
 NOT_BUILT_YET: dict[str, tuple[Any, str]] = {
     "trust_remote_code": (False, "nbengine runs its own code for the supported architectures and never runs "
                                  "code from the model folder"),
-    "disable_cuda_graph": (False, "nbengine does not capture CUDA graphs yet"),
-    "cuda_graph_max_bs": (None, "nbengine does not capture CUDA graphs yet"),
     "disable_radix_cache": (True, "prefix caching is not built yet, so the radix cache stays off"),
 }
 _warned_not_built: set[str] = set()
@@ -68,7 +66,8 @@ class EngineConfig:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = True
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int | None = None
+    cuda_graph_max_bs: int | None = None  # CUDA: decode graphs for batches up to this (default min(256, max running))
+    attention_backend: str | None = None  # "triton" (default on CUDA) | "flash_attn" | "torch" (default on CPU)
     random_seed: int | None = None
     tp_size: int = 1
     dp_size: int = 1
@@ -117,6 +116,9 @@ class EngineConfig:
             raise ValueError(f"num_threads must be in [1, {cores}] (the CPU count), got {self.num_threads}.")
         if self.random_seed is not None and not 0 <= self.random_seed < 2**63:
             raise ValueError(f"random_seed must be in [0, 2**63), got {self.random_seed}.")
+        if self.attention_backend not in (None, "triton", "flash_attn", "torch"):
+            raise ValueError("attention_backend must be 'triton', 'flash_attn' or 'torch' (or None for the "
+                             f"device's default), got {self.attention_backend!r}.")
         if self.schedule_policy not in _SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {_SCHEDULE_POLICIES}, got {self.schedule_policy!r}.")
         if self.tp_size != 1 or self.dp_size != 1:

@@ -33,13 +33,7 @@ class EngineCore:
         self.runner = ModelRunner(config, model_dir)
         self.pool = self.runner.pool
         mc = self.runner.model_config
-        budget = config.chunked_prefill_size
-        if budget is None:
-            budget = 8192 if self.runner.device.type == "cuda" else 512
-        elif budget == -1:
-            budget = self.runner.context_length
-        budget = max(budget, self.runner.max_running)
-        self.scheduler = Scheduler(self.pool, self.runner.max_running, budget)
+        self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget)
         eos = list(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -100,6 +94,7 @@ class EngineCore:
         return self.scheduler.has_work()
 
     # ----------------------------------------------------------------- step
+    @torch.inference_mode()  # the sampler edits the step's (inference-mode) logits in place
     def step(self) -> None:
         """One step. An error in the scheduler or the model runner propagates (the engine thread dies:
         the model and KV state can't be trusted); an error tied to one request ends only that request."""
@@ -145,8 +140,11 @@ class EngineCore:
     def _sample_rows(self, logits: torch.Tensor, sampling: list[tuple[Sequence, int]]) -> SampleResult:
         seqs = [seq for seq, _ in sampling]
         self._fault("sampler", seqs)
-        rows = torch.tensor([r for _, r in sampling], device=logits.device)
-        return self.sampler(logits.index_select(0, rows), seqs)
+        rows = [r for _, r in sampling]
+        if logits.is_cuda and rows == list(range(len(rows))):
+            # every logits row samples (GPU decodes): no gather and no host-to-device copy of the rows
+            return self.sampler(logits[: len(rows)], seqs)
+        return self.sampler(logits.index_select(0, torch.tensor(rows, device=logits.device)), seqs)
 
     def _guarded(self, seq: Sequence, fn: Callable[..., None], *args: Any) -> None:
         """Run one request's own work; an error there ends that request only."""
@@ -288,7 +286,9 @@ class EngineCore:
             "dtype": str(self.runner.dtype).removeprefix("torch."),
             "quantization": self.runner.quantization,
             "architecture": self.runner.model_config.architecture,
-            "attention_backend": self.runner.model.attn_backend.name,
+            "attention_backend": self.runner.ops.name,
+            "cuda_graph_batch_sizes": self.runner.graphs.sizes if self.runner.graphs is not None else [],
+            **self.runner.startup,
         }
 
     def release(self) -> None:

@@ -13,11 +13,14 @@ class ForwardBatch:
     """One step's flattened tokens. Rows are ordered by sequence; sequences with one new token
     (decodes) come first, so rows ``[0, num_decodes)`` are one token each.
 
-    input_ids, positions, out_slots: ``[T]`` (out_slots = KV slot each new token writes to)
-    page_table: ``[B, max_pages]`` int32 page ids (padding points at scratch page 0)
+    input_ids, positions, out_slots: ``[T]`` (out_slots = KV slot each new token writes to;
+        negative = a padded row that writes nothing)
+    page_table: ``[B, W]`` int32 page ids; the Triton path reads it flat, with the row stride in
+        the device scalar ``page_table_width`` (so a captured CUDA graph serves any width)
     seq_lens:   ``[B]`` tokens in the cache after this step (prefix + new)
-    q_lens, q_starts: ``[B]`` new tokens per sequence and their first row
+    q_starts:   ``[B + 1]`` first row of each sequence's new tokens, then the total
     logits_rows: ``[R]`` rows whose logits are needed (sampling + requested input logprobs)
+    The torch path builds int64 tensors; the Triton path int32 views of one device buffer.
     """
 
     input_ids: torch.Tensor
@@ -25,7 +28,6 @@ class ForwardBatch:
     out_slots: torch.Tensor
     page_table: torch.Tensor
     seq_lens: torch.Tensor
-    q_lens: torch.Tensor
     q_starts: torch.Tensor
     logits_rows: torch.Tensor
     page_size: int
@@ -35,6 +37,7 @@ class ForwardBatch:
     seq_lens_host: list[int] = field(default_factory=list)
     q_lens_host: list[int] = field(default_factory=list)
     q_starts_host: list[int] = field(default_factory=list)
+    page_table_width: torch.Tensor | None = None  # [1] int32 on the device (Triton path)
     attn: Any = None  # the attention backend's own prepared metadata
 
     @property

@@ -1,7 +1,12 @@
-"""ModelRunner: loads the model, owns the KV pool, turns a scheduled batch into logits."""
+"""ModelRunner: loads the model, injects its kernels, owns the KV pool, turns a scheduled batch into logits.
+
+A step is ``plan`` (host lists, :class:`BatchPlan`) -> ``prepare`` (metadata to the device: one
+copy on the Triton path) -> ``launch`` (the model, or a CUDA graph replay for plain decodes).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -9,10 +14,14 @@ from pathlib import Path
 
 import torch
 
+from .batch_buffers import BatchBuffers
+from .batch_plan import BatchPlan
 from .config import EngineConfig, ModelConfig
+from .cuda_graph import CudaGraphRunner
 from .forward_batch import ForwardBatch
 from .kv_cache import KVPool
 from .layers.cpu_threads import omp_team
+from .layers.ops import Ops, build_ops, choose_backend
 from .loader.hf import iter_weights
 from .memory import check_explicit_pool, kv_pool_tokens, read_cuda_memory, read_host_memory
 from .models import get_model_class
@@ -35,7 +44,10 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        # bfloat16 from Ampere on; older GPUs (a T4) get float16: the kernels need no Hopper/Ampere features there
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return _DTYPES[name]
 
 
@@ -46,27 +58,35 @@ class StepLogits:
     input_rows: list[tuple[int, int, int]]  # per item: (first logits row, count, first prompt position)
 
 
+@dataclass
+class StepTimes:
+    """Host seconds spent building and launching steps (to report how much a step costs the CPU)."""
+
+    steps: int = 0
+    host_s: float = 0.0
+    graph_steps: int = 0
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path) -> None:
         self.config = config
-        self.model_config = ModelConfig.from_folder(model_dir)
+        self.model_config = mc = ModelConfig.from_folder(model_dir)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
-        mc = self.model_config
         self.context_length = min(config.context_length or mc.max_position_embeddings, mc.max_position_embeddings)
         if config.context_length and config.context_length > mc.max_position_embeddings:
             logger.warning("context_length %d is above the model's %d; using %d", config.context_length,
                            mc.max_position_embeddings, mc.max_position_embeddings)
+        backend = choose_backend(config.attention_backend, self.device, config.page_size)
         t0 = time.perf_counter()
         self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
         # numba's start-up (~1-2 s of CPU) runs on a thread while the weights load
         warm_up = KernelWarmUp() if self.quantization else None
         quantizer = ModelQuantizer(self.quantization, model_dir, mc.tie_word_embeddings) if self.quantization else None
-        cls = get_model_class(mc.architecture)
         with torch.device(self.device):
-            self.model = cls(mc, self.device).to(self.dtype)
+            self.model = get_model_class(mc.architecture)(mc, self.device).to(self.dtype)
         skip = quantizer.skipped_weights(self.model) if quantizer else set()
         self.model.load_weights((n, w) for n, w in iter_weights(model_dir, skip=skip))
         self.model.eval()
@@ -78,14 +98,43 @@ class ModelRunner:
             self.quantization = quantizer = None
             if skip:
                 self.model.load_weights(iter_weights(model_dir))
+        self.ops = build_ops(backend, mc.num_heads, mc.num_kv_heads, mc.head_dim)
         if quantizer is not None:
-            self._quantize(quantizer)
-        logger.info("loaded %s in %.2fs on %s (%s, quantization %s)", mc.architecture, time.perf_counter() - t0,
-                    self.device, self.dtype, self.quantization)
-        self.pool = self._make_pool()
+            self.ops = self._quantize(quantizer, self.ops)
+        self.model.bind(self.ops)
+        logger.info("loaded %s in %.2fs on %s (%s, attention: %s, quantization: %s)", mc.architecture,
+                    time.perf_counter() - t0, self.device, self.dtype, self.ops.name, self.quantization)
+        self.times = StepTimes()
+        self.startup: dict[str, float] = {}
+        self.buffers = None
+        if self.ops.uses_triton:
+            max_pages = -(-self.context_length // config.page_size) + 1
+            self.buffers = BatchBuffers(self.token_budget, self.max_running, max_pages, config.page_size, self.dtype,
+                                        self.device, fixed_width=backend == "flash_attn")
+        if self.device.type == "cuda" and self.ops.uses_triton:
+            self._warm_up()  # compiles every kernel before the pool takes the free memory
+        self.pool = self._make_pool()  # the one place the KV pool is sized
+        self.graphs = self._capture_graphs()
 
-    def _quantize(self, quantizer: ModelQuantizer) -> None:
-        """Swap the linear layers for block-quantized ones and attend decodes from the pool with numba."""
+    # ------------------------------------------------------------------ sizes
+    @property
+    def max_running(self) -> int:
+        if self.config.max_running_requests:
+            return self.config.max_running_requests
+        return 256 if self.device.type == "cuda" else 64
+
+    @property
+    def token_budget(self) -> int:
+        """Most tokens one step computes (``chunked_prefill_size``; never below ``max_running``)."""
+        budget = self.config.chunked_prefill_size
+        if budget is None:
+            budget = 8192 if self.device.type == "cuda" else 512
+        elif budget == -1:
+            budget = self.context_length
+        return max(budget, self.max_running)
+
+    def _quantize(self, quantizer: ModelQuantizer, ops: Ops) -> Ops:
+        """Swap the linear layers for block-quantized ones; decodes attend from the pool with numba."""
         import numba
 
         from .layers.cpu_attention import CpuPagedAttention
@@ -94,12 +143,13 @@ class ModelRunner:
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # this thread only
         omp_team.keep_narrow()  # numba's pool does the parallel work; torch's would fight it for the cores
         counts = quantizer.apply(self.model)
-        mc = self.model_config
-        self.model.attn_backend = CpuPagedAttention(mc.num_heads, mc.num_kv_heads, mc.head_dim)
         logger.info("quantized linear layers: %s", counts)
+        mc = self.model_config
+        return dataclasses.replace(ops, name="cpu", attention=CpuPagedAttention(mc.num_heads, mc.num_kv_heads,
+                                                                                mc.head_dim))
 
-    # ------------------------------------------------------------------ KV pool
     def _make_pool(self) -> KVPool:
+        """The KV pool, sized by the rule in :mod:`nbengine.memory` (after the warm-up, before graph capture)."""
         mc, cfg = self.model_config, self.config
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         reading = read_cuda_memory(self.device) if self.device.type == "cuda" else read_host_memory()
@@ -119,101 +169,95 @@ class ModelRunner:
                         "to %d tokens", pool.capacity_tokens, self.context_length, pool.capacity_tokens)
         return pool
 
-    @property
-    def max_running(self) -> int:
-        if self.config.max_running_requests:
-            return self.config.max_running_requests
-        return 256 if self.device.type == "cuda" else 64
+    # --------------------------------------------------------------- warm-up
+    def _warm_up(self) -> None:
+        """One mixed step (two decodes, two prefill chunks) on a scratch pool: compiles the kernels."""
+        t0 = time.perf_counter()
+        mc, ps = self.model_config, self.config.page_size
+        lens = [(1, 3), (1, 40), (70, 70), (5, 300)]  # (new tokens, context) per sequence
+        pages_per = [-(-ctx // ps) for _, ctx in lens]
+        scratch = KVPool(sum(pages_per) + 1, ps, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        plan, first = BatchPlan(ps), 1
+        for (n, ctx), np_ in zip(lens, pages_per):
+            pages = list(range(first, first + np_))
+            first += np_
+            plan.q_starts.append(len(plan.ids))
+            plan.ids.extend([0] * n)
+            plan.positions.extend(range(ctx - n, ctx))
+            plan.slots.extend(pages[p // ps] * ps + p % ps for p in range(ctx - n, ctx))
+            plan.q_lens.append(n)
+            plan.seq_lens.append(ctx)
+            plan.tables.append(pages)
+            plan.logits_rows.append(len(plan.ids) - 1)
+        plan.q_starts.append(len(plan.ids))
+        plan.num_decodes = 2
+        with torch.inference_mode():
+            self.launch(self.prepare(plan), scratch.kv)
+        torch.cuda.synchronize(self.device)
+        scratch.release()
+        del scratch
+        torch.cuda.empty_cache()
+        self.startup["warmup_s"] = time.perf_counter() - t0
+        logger.info("warm-up (kernel compilation) took %.2fs", self.startup["warmup_s"])
+
+    def _capture_graphs(self) -> CudaGraphRunner | None:
+        cfg = self.config
+        if self.device.type != "cuda":
+            if cfg.cuda_graph_max_bs is not None:
+                logger.warning("cuda_graph_max_bs applies to CUDA devices; there are no CUDA graphs on %s",
+                               self.device)
+            return None
+        if cfg.disable_cuda_graph:
+            return None
+        if not self.ops.uses_triton:
+            logger.warning("CUDA graphs need attention_backend 'triton' or 'flash_attn'; decoding eagerly")
+            return None
+        max_bs = min(cfg.cuda_graph_max_bs or 256, self.max_running)
+        graphs = CudaGraphRunner(self.buffers, max_bs, self.model.cfg.vocab_size, self.device)
+        with torch.inference_mode():
+            graphs.capture(self.ops.attention.prepare, self._graph_forward)
+        self.startup["cuda_graph_capture_s"] = graphs.capture_s
+        return graphs
+
+    def _graph_forward(self, fb: ForwardBatch, logits_out: torch.Tensor) -> None:
+        hidden = self.model(fb.input_ids, fb.positions, fb, self.pool.kv)
+        self.model.compute_logits(hidden, out=logits_out)
 
     # ------------------------------------------------------------------ a step
     @torch.inference_mode()
     def run(self, items: list[ScheduledSeq]) -> tuple[StepLogits, list[ScheduledSeq]]:
         """Run one step; returns logits and the items in the row order used."""
+        t0 = time.perf_counter()
         items = sorted(items, key=lambda it: it.num_tokens != 1)  # decodes first (stable)
-        fb, input_rows = self._prepare(items)
-        self.model.attn_backend.prepare(fb)
-        omp_team.begin_step(fb.num_tokens)
-        hidden = self.model(fb.input_ids, fb.positions, fb, self.pool.kv)
-        logits = self.model.compute_logits(hidden.index_select(0, fb.logits_rows))
-        sample_rows, r = [], 0
-        for it, (_, n_in, _) in zip(items, input_rows):
-            r += n_in
-            if it.samples:
-                sample_rows.append(r)
-                r += 1
-            else:
-                sample_rows.append(-1)
-        return StepLogits(logits, sample_rows, input_rows), items
+        plan = BatchPlan.build(items, self.config.page_size)
+        if self.graphs is not None and self.graphs.can_run(plan):
+            logits = self.graphs.replay(plan)
+            self.times.graph_steps += 1
+        else:
+            logits = self.launch(self.prepare(plan), self.pool.kv)
+        self.times.steps += 1
+        self.times.host_s += time.perf_counter() - t0
+        return StepLogits(logits, plan.sample_rows, plan.input_rows), items
 
-    def _prepare(self, items: list[ScheduledSeq]) -> tuple[ForwardBatch, list[tuple[int, int, int]]]:
-        ps = self.pool.page_size
-        ids: list[int] = []
-        pos: list[int] = []
-        q_lens, q_starts, seq_lens, tables, logits_rows = [], [], [], [], []
-        input_rows: list[tuple[int, int, int]] = []
-        n_logits = 0
-        for it in items:
-            seq, start, n = it.seq, it.start, it.num_tokens
-            q_starts.append(len(ids))
-            ids.extend(seq.tokens(start, start + n))
-            pos.extend(range(start, start + n))
-            q_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(seq.pages)
-            # prompt positions whose logits score the next prompt token (input logprobs)
-            lo, hi = _input_logprob_positions(it)
-            rows = [q_starts[-1] + p - start for p in range(lo, hi)]
-            input_rows.append((n_logits, len(rows), lo))
-            logits_rows.extend(rows)
-            n_logits += len(rows)
-            if it.samples:
-                logits_rows.append(q_starts[-1] + n - 1)
-                n_logits += 1
-        width = max(len(t) for t in tables)
-        dev = self.device
-        page_table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(items), device=dev),
-                                               torch.tensor(q_lens, device=dev))
-        out_slots = page_table[seq_of_token, positions // ps].long() * ps + positions % ps
-        fb = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=positions,
-            out_slots=out_slots,
-            page_table=page_table,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
-            q_lens=torch.tensor(q_lens, dtype=torch.long, device=dev),
-            q_starts=torch.tensor(q_starts, dtype=torch.long, device=dev),
-            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            page_size=ps,
-            dtype=self.dtype,
-            num_decodes=sum(1 for n in q_lens if n == 1),
-            seq_lens_host=seq_lens,
-            q_lens_host=q_lens,
-            q_starts_host=q_starts,
-        )
-        return fb, input_rows
+    def prepare(self, plan: BatchPlan) -> ForwardBatch:
+        """The step's metadata on the device, and the attention backend's plan for it."""
+        fb = self.buffers.load(plan) if self.buffers is not None else plan.to_tensors(self.device, self.dtype)
+        self.ops.attention.prepare(fb)
+        omp_team.begin_step(fb.num_tokens)
+        return fb
+
+    def launch(self, fb: ForwardBatch, kv: list[torch.Tensor]) -> torch.Tensor:
+        """The model over ``fb``: float32 logits of its ``logits_rows``."""
+        hidden = self.model(fb.input_ids, fb.positions, fb, kv)
+        return self.model.compute_logits(hidden.index_select(0, fb.logits_rows))
 
     def release(self) -> None:
+        self.graphs = None
+        self.buffers = None
         self.pool.release()
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _input_logprob_positions(it: ScheduledSeq) -> tuple[int, int]:
-    """Positions ``p`` in this chunk whose logits give the logprob of prompt token ``p + 1``.
-
-    Only for requests asking for logprobs, only once (not again after a preemption), and only
-    for prompt tokens from ``logprob_start_len`` on; the final prompt position is the sampling row.
-    """
-    seq = it.seq
-    if not seq.logprob.return_logprob or seq.output_ids:
-        return 0, 0
-    first = max(seq.logprob.logprob_start_len, 1) - 1  # token 0 has no logprob
-    lo = max(it.start, first, seq.input_lp_pos)
-    hi = min(it.start + it.num_tokens, len(seq.prompt_ids) - 1)
-    return (lo, hi) if hi > lo else (0, 0)
 
 
 def _module_bytes(model: torch.nn.Module) -> int:

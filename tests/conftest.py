@@ -12,6 +12,11 @@ import torch
 # keep the suite's threads modest and deterministic on 2-core CI machines
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU the Triton kernels run in Triton's interpreter; the switch is read when triton is
+# imported, so it is set here, before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

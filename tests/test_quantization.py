@@ -128,7 +128,7 @@ def test_quantized_tiny_models_stay_close_to_float(tiny_models, name, fmt):
     ids = torch.randint(100, 49000, (48,), generator=torch.Generator().manual_seed(7)).tolist()
     ref = _next_token_logits(ModelRunner(EngineConfig(quantization=None), tiny_models[name]), ids, 8)
     runner = ModelRunner(EngineConfig(quantization=fmt), tiny_models[name])
-    assert runner.quantization == fmt and runner.model.attn_backend.name == "cpu"
+    assert runner.quantization == fmt and runner.ops.name == "cpu"
     got = _next_token_logits(runner, ids, 8)
     assert got.shape == ref.shape == (48, 49152)
     lp_ref, lp = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)

@@ -1,8 +1,9 @@
 """Attention over the paged KV pool.
 
-``TorchPagedAttention`` is plain PyTorch: the CPU path, and the reference that GPU kernels
-are tested against. Backends implement ``prepare(batch)`` once per step and
-``forward(q, kv_new, kv_layer, batch)`` per layer.
+``TorchPagedAttention`` is plain PyTorch: the CPU path (its results agree with
+``nbengine.kernels.reference.paged_attention``, which the Triton kernels are tested against).
+Backends implement ``prepare(batch)`` once per step and ``forward(q, kv_layer, batch)`` per
+layer; the new tokens' K/V are already in ``kv_layer`` when ``forward`` runs.
 """
 
 from __future__ import annotations
@@ -125,15 +126,14 @@ class TorchPagedAttention:
         return _ExtendGroup(q_rows.reshape(-1), slots.reshape(-1), mask, valid, q_rows.reshape(-1)[valid], (n, lq, lc))
 
     # ----------------------------------------------------------- per layer
-    def forward(self, q: torch.Tensor, kv_new: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """q: [T, H*D]; kv_new: [T, 2*Hkv*D] (K then V, rotated); kv_layer: [S, 2, Hkv, D].
+    def forward(self, q: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """q: [T, H*D] (rotated); kv_layer: [S, 2, Hkv, D], holding this step's K/V already.
 
-        Writes the new K/V to their slots, then attends. Returns [T, H*D].
+        Returns [T, H*D].
         """
         meta: _TorchMeta = fb.attn
         t = q.shape[0]
         h, hk, d, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
-        kv_layer.view(kv_layer.shape[0], -1).index_copy_(0, fb.out_slots, kv_new)
         bd = fb.num_decodes
         dec_out = None
         if bd:

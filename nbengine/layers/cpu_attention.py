@@ -71,11 +71,11 @@ class CpuPagedAttention(TorchPagedAttention):
         keys = sum(fb.seq_lens_host[:bd]) * self.num_kv_heads
         fb.attn = _CpuMeta(fb.page_table[:bd].numpy(), fb.seq_lens[:bd].numpy(), keys, self._plan_extends(fb))
 
-    def forward(self, q: torch.Tensor, kv_new: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """q: [T, H*D] (rotated); kv_layer: [S, 2, Hkv, D], holding this step's K/V already."""
         meta: _CpuMeta = fb.attn
         t, bd = q.shape[0], fb.num_decodes
         h, d = self.num_heads, self.head_dim
-        kv_layer.view(kv_layer.shape[0], -1).index_copy_(0, fb.out_slots, kv_new)
         out = torch.empty(t, h * d, dtype=q.dtype)
         if bd:
             kernel = paged_decode_attention_serial if meta.keys < SERIAL_MAX_KEYS else paged_decode_attention

@@ -1,4 +1,4 @@
-"""RMSNorm."""
+"""RMSNorm weights; the norm itself (fused with the residual add) is one of the step's ``Ops``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # compute in fp32 like the reference implementations, then cast back
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual = x + residual`` (``x`` when None), normalised; returns ``(normed, residual)``."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)

@@ -2,12 +2,15 @@
 
 The model loaders permute each head's q/k rows from the HF "rotate half" order
 ``[x0..x{d/2-1}, y0..y{d/2-1}]`` to pairs ``[x0, y0, x1, y1, ...]``. Attention scores are
-unchanged (q and k are permuted alike), and the rotation becomes one complex multiply.
+unchanged (q and k are permuted alike), and the rotation becomes one complex multiply. The
+rotation itself runs in ``nbengine.kernels`` (``reference.apply_rotary_`` on the torch path, fused
+with the KV store on the Triton path); this module holds the per-position table.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,7 +62,7 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None)
 
 
 class Rotary:
-    """Holds the cos/sin table; :meth:`lookup` once per step, :meth:`apply_` once per layer."""
+    """Holds the rotation table; :meth:`for_step` once per step gives what the kernels need."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
                  device: torch.device) -> None:
@@ -67,17 +70,34 @@ class Rotary:
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv)
         self.cis = torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device)  # [P, d/2]
         self.max_positions = max_positions
+        self._cos_sin: torch.Tensor | None = None
 
-    def lookup(self, positions: torch.Tensor) -> torch.Tensor:
-        return self.cis.index_select(0, positions).unsqueeze(1)  # [T, 1, d/2]
+    @property
+    def cos_sin(self) -> torch.Tensor:
+        """``[P, head_dim]`` float32: cos of each pair's angle, then sin (the Triton kernels' table)."""
+        if self._cos_sin is None:
+            self._cos_sin = torch.cat([self.cis.real, self.cis.imag], dim=-1).contiguous()
+        return self._cos_sin
 
-    @staticmethod
-    def apply_(x: torch.Tensor, cis: torch.Tensor) -> None:
-        """Rotate ``x`` ([T, heads, head_dim], last dim contiguous, interleaved) in place."""
-        t, h, d = x.shape
-        if x.dtype == torch.float32:
-            torch.view_as_complex(x.view(t, h, d // 2, 2)).mul_(cis)
-            return
-        pairs = x.view(t, h, d // 2, 2)
-        rot = torch.view_as_complex(pairs.float().contiguous()) * cis
-        pairs.copy_(torch.view_as_real(rot).to(x.dtype))
+    def for_step(self, positions: torch.Tensor) -> "StepRope":
+        return StepRope(positions, self)
+
+
+@dataclass
+class StepRope:
+    """One step's rotary inputs: positions, and (for the torch path) their rotations, looked up once."""
+
+    positions: torch.Tensor
+    table: Rotary
+    _cis: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def cis(self) -> torch.Tensor:
+        """``[T, 1, head_dim/2]`` complex64 rotations of this step's positions."""
+        if self._cis is None:
+            self._cis = self.table.cis.index_select(0, self.positions).unsqueeze(1)
+        return self._cis
+
+    @property
+    def cos_sin(self) -> torch.Tensor:
+        return self.table.cos_sin

@@ -2,6 +2,9 @@
 
 Reads top to bottom: embed -> N x (norm, attention over the paged cache, norm, SwiGLU MLP)
 -> norm -> LM head. ``T`` is the number of tokens in the step (all sequences flattened).
+The residual stream is carried beside the hidden state, so each norm also does the residual
+add (one fused kernel on GPU). The kernels and the attention backend come from ``ops``, which
+the runner injects with :meth:`LlamaForCausalLM.bind`; the model never picks them itself.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..forward_batch import ForwardBatch
-from ..layers.attention import TorchPagedAttention
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import Rotary, interleave_rows
+from ..layers.ops import Ops
+from ..layers.rotary import Rotary, StepRope, interleave_rows
 
 
 class Attention(nn.Module):
@@ -30,18 +33,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cis: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch,
-                backend: TorchPagedAttention) -> torch.Tensor:
-        t = x.shape[0]
+    def forward(self, x: torch.Tensor, rope: StepRope, kv_layer: torch.Tensor, fb: ForwardBatch,
+                ops: Ops) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (H + 2*Hkv) * D]
-        q_end, k_end = self.h * self.d, (self.h + self.hk) * self.d
-        if self.q_norm is not None:
-            q = qkv[:, :q_end].view(t, self.h, self.d)
-            k = qkv[:, q_end:k_end].view(t, self.hk, self.d)
-            q.copy_(self.q_norm(q))
-            k.copy_(self.k_norm(k))
-        Rotary.apply_(qkv[:, :k_end].view(t, self.h + self.hk, self.d), cis)
-        out = backend.forward(qkv[:, :q_end], qkv[:, q_end:], kv_layer, fb)
+        # per-head q/k norm (Qwen3), rotary on q and k, and the new K/V written to their cache slots
+        ops.rope_store(qkv, rope, kv_layer, fb.out_slots, self.h, self.hk, self.d,
+                       self.q_norm.weight if self.q_norm is not None else None,
+                       self.k_norm.weight if self.k_norm is not None else None,
+                       self.q_norm.eps if self.q_norm is not None else 0.0)
+        out = ops.attention.forward(qkv[:, : self.h * self.d], kv_layer, fb)  # reads the cache
         return self.o_proj(out)
 
 
@@ -52,9 +52,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, {"gate_proj": self.inter, "up_proj": self.inter})
         self.down_proj = Linear(self.inter, {"down_proj": cfg.hidden_size})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gu[:, : self.inter]) * gu[:, self.inter :])
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -65,10 +64,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cis: torch.Tensor, kv_layer: torch.Tensor, fb: ForwardBatch,
-                backend: TorchPagedAttention) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cis, kv_layer, fb, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: StepRope, kv_layer: torch.Tensor,
+                fb: ForwardBatch, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual, ops)
+        h = self.self_attn(h, rope, kv_layer, fb, ops)
+        h, residual = self.post_attention_layernorm(h, residual, ops)
+        return self.mlp(h, ops), residual
 
 
 class Embedding(nn.Module):
@@ -89,21 +90,31 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, {"lm_head": cfg.vocab_size})
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
-        self.attn_backend = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.ops: Ops | None = None  # injected by the runner (bind)
         self._head: Linear | None = None
+
+    def bind(self, ops: Ops) -> None:
+        """Use these kernels and this attention backend from now on."""
+        self.ops = ops
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
                 kv: list[torch.Tensor]) -> torch.Tensor:
         """Returns the final-norm hidden states ``[T, hidden]``."""
+        ops = self.ops
         x = self.embed_tokens(input_ids)
-        cis = self.rotary.lookup(positions)
+        residual = None
+        rope = self.rotary.for_step(positions)
         for layer, kv_layer in zip(self.layers, kv):
-            x = layer(x, cis, kv_layer, fb, self.attn_backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_layer, fb, ops)
+        return self.norm(x, residual, ops)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits of ``hidden``'s rows (written into ``out`` when given)."""
+        logits = self._head(hidden)
+        if out is None:
+            return logits.float()
+        return out.copy_(logits)
 
     # ----------------------------------------------------------------- loading
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
