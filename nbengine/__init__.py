@@ -43,6 +43,7 @@ def _kernels_from_checkout() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module  # as a normal submodule import would bind it on the package
 
 
 _kernels_from_checkout()

@@ -83,9 +83,9 @@ def _decode_batch(lens: list[int], tables: list[list[int]], page_size: int) -> F
     pos = torch.tensor([n - 1 for n in lens])
     slots = pt[torch.arange(bd), pos // page_size].long() * page_size + pos % page_size
     return ForwardBatch(input_ids=torch.zeros(bd, dtype=torch.long), positions=pos, out_slots=slots, page_table=pt,
-                        seq_lens=torch.tensor(lens), q_lens=torch.ones(bd, dtype=torch.long), q_starts=torch.arange(bd),
+                        seq_lens=torch.tensor(lens), q_starts=torch.arange(bd + 1),
                         logits_rows=torch.arange(bd), page_size=page_size, num_decodes=bd, dtype=torch.float32,
-                        seq_lens_host=lens, q_lens_host=[1] * bd, q_starts_host=list(range(bd)))
+                        seq_lens_host=lens, q_lens_host=[1] * bd, q_starts_host=list(range(bd + 1)))
 
 
 @pytest.mark.parametrize("kernel", ["parallel", "serial"])
@@ -100,10 +100,11 @@ def test_paged_decode_attention_reads_the_pool_like_the_torch_backend(kernel, mo
     fb = _decode_batch([3, 17, 9], [[5, 0, 0, 0, 0], [9, 2, 30, 7, 11], [40, 41, 3, 0, 0]], ps)
     q, kv_new = torch.randn(3, h * d), torch.randn(3, 2 * hk * d)
     ref_backend, cpu_backend = TorchPagedAttention(h, hk, d), CpuPagedAttention(h, hk, d)
+    pool.view(pool.shape[0], -1).index_copy_(0, fb.out_slots, kv_new)  # the step's K/V, stored before attention
     ref_backend.prepare(fb)
-    expected = ref_backend.forward(q, kv_new, pool.clone(), fb)
+    expected = ref_backend.forward(q, pool.clone(), fb)
     cpu_backend.prepare(fb)
-    torch.testing.assert_close(cpu_backend.forward(q, kv_new, pool.clone(), fb), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_backend.forward(q, pool.clone(), fb), expected, rtol=1e-5, atol=1e-5)
 
 
 def _next_token_logits(runner: ModelRunner, ids: list[int], decodes: int) -> torch.Tensor:
