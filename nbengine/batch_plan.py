@@ -31,6 +31,7 @@ class BatchPlan:
     sample_rows: list[int] = field(default_factory=list)
     input_rows: list[tuple[int, int, int]] = field(default_factory=list)
     num_decodes: int = 0
+    has_pending: bool = False  # some ids are placeholders for tokens still being sampled (overlap)
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +53,7 @@ class BatchPlan:
             row0 = len(plan.ids)
             plan.q_starts.append(row0)
             plan.ids.extend(seq.tokens(start, start + n))
+            plan.has_pending |= seq.num_pending > 0
             plan.positions.extend(range(start, start + n))
             _extend_slots(plan.slots, seq.pages, start, n, page_size)
             plan.q_lens.append(n)
