@@ -34,6 +34,49 @@ def tiny_model(out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
+def profile_core(folder: Path, batch: int, steps: int, prompt_len: int, overlap: bool, temperature: float = 0.6,
+                 top: int = 25, **config) -> tuple[float, str]:
+    """Step an EngineCore on this thread (as the engine thread would): ``batch`` requests prefilled, then
+    ``steps`` decode steps under cProfile. Returns (ms per step, the profile's top functions by own time)."""
+    import io
+
+    import torch
+
+    from nbengine.config import EngineConfig
+    from nbengine.engine_core import EngineCore
+    from nbengine.sampling_params import SamplingParams
+    from nbengine.sequence import Sequence
+    from nbengine.tokenizer import Tokenizer
+
+    tok = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
+    cfg = EngineConfig(random_seed=0, max_running_requests=batch, disable_overlap_schedule=not overlap, **config)
+    core = EngineCore(cfg, folder, tok)
+    g = torch.Generator().manual_seed(0)
+    for i in range(batch):
+        ids = torch.randint(100, 4000, (prompt_len,), generator=g).tolist()
+        core.add([Sequence(rid=f"r{i}", prompt_ids=ids, emit=lambda _out: None, stream=True, params=SamplingParams(
+            temperature=temperature, max_new_tokens=steps + 50, ignore_eos=True))])
+    while any(s.num_computed < len(s.prompt_ids) for s in core.seqs.values()):
+        core.step()
+    for _ in range(3):
+        core.step()
+    if core.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        core.step()
+    if core.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    wall = (time.perf_counter() - t0) / steps
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    core.release()
+    return 1e3 * wall, text.getvalue()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
@@ -46,44 +89,14 @@ def main() -> None:
 
     import torch
 
-    from nbengine.config import EngineConfig
-    from nbengine.engine_core import EngineCore
     from nbengine.loader.default_model import default_model_path
-    from nbengine.sampling_params import SamplingParams
-    from nbengine.sequence import Sequence
-    from nbengine.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     folder = tiny_model(Path(tempfile.gettempdir()) / "nbengine-host-profile-llama", default_model_path(progress=False))
-    tok = Tokenizer(folder)
-    cfg = EngineConfig(random_seed=0, max_running_requests=args.batch, dtype="float32", quantization=None,
-                       disable_overlap_schedule=not args.overlap, max_total_tokens=args.batch * 1024)
-    core = EngineCore(cfg, folder, tok)
-    g = torch.Generator().manual_seed(0)
-    emitted = [0]
-
-    def emit(_out) -> None:
-        emitted[0] += 1
-
-    for i in range(args.batch):
-        ids = torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist()
-        core.add([Sequence(rid=f"r{i}", prompt_ids=ids, emit=emit, stream=True, params=SamplingParams(
-            temperature=args.temperature, max_new_tokens=args.steps + 50, ignore_eos=True))])
-    while any(s.num_computed < len(s.prompt_ids) for s in core.seqs.values()):
-        core.step()
-    for _ in range(3):
-        core.step()
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    for _ in range(args.steps):
-        core.step()
-    prof.disable()
-    wall = (time.perf_counter() - t0) / args.steps
-    print(f"batch {args.batch}, overlap {bool(args.overlap)}: {wall * 1e3:.2f} ms per decode step under cProfile")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
-    core.release()
+    ms, text = profile_core(folder, args.batch, args.steps, args.prompt_len, bool(args.overlap), args.temperature,
+                            args.top, dtype="float32", quantization=None, max_total_tokens=args.batch * 1024)
+    print(f"batch {args.batch}, overlap {bool(args.overlap)}: {ms:.2f} ms per decode step under cProfile")
+    print(text)
 
 
 if __name__ == "__main__":
