@@ -53,6 +53,7 @@ class EngineCore:
         # would only delay its tokens): the loop stays synchronous there.
         self.overlap = self.runner.device.type == "cuda" and not config.disable_overlap_schedule
         self.in_flight: InFlightStep | None = None
+        self._outbox: dict[Any, list[tuple[Sequence, int, Any]]] | None = None  # a step's outputs, per caller
         self._host_ids = HostIds(self.runner.max_running, self.runner.device)
 
     # --------------------------------------------------------------- intake
@@ -101,8 +102,24 @@ class EngineCore:
         return self.scheduler.has_work() or self.in_flight is not None
 
     # ----------------------------------------------------------------- step
-    @torch.inference_mode()  # the sampler edits the step's (inference-mode) logits in place
     def step(self) -> None:
+        """One step; the outputs it makes reach each ``generate`` call in one delivery at the end."""
+        self._outbox = {}
+        try:
+            self._step()
+        finally:
+            outbox, self._outbox = self._outbox, None
+            for sink, entries in outbox.items():
+                try:
+                    sink.deliver([(i, out) for _, i, out in entries])
+                except Exception:  # noqa: BLE001 - a caller whose loop closed must not kill the engine
+                    logger.warning("could not deliver outputs of %d requests; aborting them", len(entries),
+                                   exc_info=True)
+                    for seq, _, _ in entries:
+                        self._drop(seq)
+
+    @torch.inference_mode()  # the sampler edits the step's (inference-mode) logits in place
+    def _step(self) -> None:
         """One step. An error in the scheduler or the model runner propagates (the engine thread dies:
         the model and KV state can't be trusted); an error tied to one request ends only that request.
 
@@ -268,6 +285,10 @@ class EngineCore:
             out = e
         if isinstance(out, Exception):
             self._drop(seq)
+        sink = getattr(seq.emit, "sink", None)
+        if self._outbox is not None and sink is not None:  # inside a step: delivered with the step's others
+            self._outbox.setdefault(sink, []).append((seq, seq.emit.index, out))
+            return
         try:
             seq.emit(out)
         except Exception:  # noqa: BLE001 - a caller whose loop closed must not kill the engine

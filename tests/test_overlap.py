@@ -136,3 +136,26 @@ def test_sample_returns_device_ids_that_match_the_synchronous_call():
     a = Sampler(50, [2], torch.device("cpu"), 123).sample(logits.clone(), seqs)
     b = Sampler(50, [2], torch.device("cpu"), 123)(logits.clone(), seqs).tokens
     assert isinstance(a, torch.Tensor) and a.tolist() == b
+
+
+# ------------------------------------------------------------------------ output delivery
+def test_streams_of_one_call_are_woken_once_per_step_not_once_per_token(tiny_llama, monkeypatch):
+    import nbengine.engine as engine_mod
+    from nbengine.engine_core import EngineCore
+
+    deliveries, steps = [], [0]
+    make_sink = engine_mod._queue_emit
+
+    def counting_sink(q):
+        sink = make_sink(q)
+        put = sink.deliver
+        sink.deliver = lambda items: (deliveries.append(len(items)), put(items))[1]
+        return sink
+
+    step = EngineCore.step
+    monkeypatch.setattr(engine_mod, "_queue_emit", counting_sink)
+    monkeypatch.setattr(EngineCore, "step", lambda self: (steps.__setitem__(0, steps[0] + 1), step(self))[1])
+    chunks = _run(tiny_llama, False, lambda llm: list(llm.generate(input_ids=PROMPTS[:4], sampling_params=_greedy(10),
+                                                                stream=True)))
+    assert len(chunks) == 40 and sum(deliveries) == 40
+    assert len(deliveries) <= steps[0] and max(deliveries) == 4  # the four streams' chunks of a step go together
