@@ -10,7 +10,7 @@ Sections (each with a time limit; results printed as they come, a table last, JS
   nooverlap the same workload with disable_overlap_schedule=True (first model only)
   fixed    64 prompts x 512 tokens x 256 new tokens vs transformers' batched generate, same run
   hfcb     transformers' continuous batching (generate_batch) on the first 32 requests of the workload
-  busy     GPU-busy fraction of the steps of a smaller offline run (torch.profiler, kernels only)
+  busy     GPU-busy fraction of the steps of a shorter offline run, overlap on and off (torch.profiler, kernels)
   host     where the host time of a 256-row decode step goes (cProfile of the engine core, overlap on)
 Builds the random-weight models with benchmarks/gpu_suite.py's helpers.
 """
@@ -160,7 +160,9 @@ def section_hfcb(name: str, folder: Path, res: dict, n: int = 32) -> None:
     gs.log(f"  {name} transformers generate_batch ({n} requests): {json.dumps(res[name])}")
 
 
-def section_busy(name: str, folder: Path, res: dict, n: int = 64, new: int = 128) -> None:
+def section_busy(name: str, folder: Path, res: dict, n: int = 256, new: int = 256) -> None:
+    """The offline workload's 256 prompts with 256 new tokens each (the full workload would give the profiler
+    ~300k kernel events): its prefill steps and its large-batch decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
     ps, _ = workload(_n(n), _vocab(name), seed=3, lo=_lengths()[0], hi=_lengths()[1])
