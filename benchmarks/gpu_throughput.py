@@ -12,6 +12,7 @@ Sections (each with a time limit; results printed as they come, a table last, JS
   hfcb     transformers' continuous batching (generate_batch) on the first 32 requests of the workload
   busy     GPU-busy fraction of the steps of a shorter offline run, overlap on and off (torch.profiler, kernels)
   host     where the host time of a 256-row decode step goes (cProfile of the engine core, overlap on)
+  batch1   batch-1 decode tok/s after a 128-token prompt, overlap on and off (issue 7's goal (b))
 Builds the random-weight models with benchmarks/gpu_suite.py's helpers.
 """
 
@@ -191,6 +192,27 @@ def section_busy(name: str, folder: Path, res: dict, n: int = 256, new: int = 25
     gs.log(f"  {name} busy ({n} requests x {new}): {json.dumps(out)}")
 
 
+def section_batch1(name: str, folder: Path, res: dict, new: int = 256) -> None:
+    """Issue 7's (b): batch-1 decode after a 128-token prompt, overlap on and off (median of 3)."""
+    import statistics
+
+    prompt = gs.prompts(1, 128, _vocab(name), 2)[0]
+    new = 16 if gs.TINY else new
+    sp = {"temperature": 0, "ignore_eos": True}
+    out = {}
+    for overlap in (True, False):
+        with make_engine(folder, disable_overlap_schedule=not overlap, cuda_graph_max_bs=16,
+                         max_total_tokens=65536) as llm:
+            llm.generate(input_ids=prompt, sampling_params={**sp, "max_new_tokens": 16})
+            t1 = statistics.median(gs.sync_time(lambda: llm.generate(input_ids=prompt, sampling_params={
+                **sp, "max_new_tokens": 1})) for _ in range(3))
+            tn = statistics.median(gs.sync_time(lambda: llm.generate(input_ids=prompt, sampling_params={
+                **sp, "max_new_tokens": new + 1})) for _ in range(3))
+        out[f"overlap={overlap}"] = {"tok_s": new / (tn - t1), "ms_per_token": 1e3 * (tn - t1) / new}
+    res[name] = out
+    gs.log(f"  {name} batch-1 decode: {json.dumps(out)}")
+
+
 def section_host(name: str, folder: Path, res: dict) -> None:
     batch = 32 if gs.TINY else 256
     ms, text = profile_core(folder, batch, 30, 256 if not gs.TINY else 32, overlap=True, top=22,
@@ -201,7 +223,8 @@ def section_host(name: str, folder: Path, res: dict) -> None:
 
 # in order of value: a run that hits --deadline skips the rest
 SECTIONS = {"offline": (section_offline, 90, 3), "fixed": (section_fixed, 60, 1), "nooverlap": (section_nooverlap, 60, 1),
-            "busy": (section_busy, 60, 1), "host": (section_host, 45, 1), "parity": (section_parity, 120, 1),
+            "busy": (section_busy, 60, 1), "host": (section_host, 45, 1), "batch1": (section_batch1, 60, 3),
+            "parity": (section_parity, 120, 1),
             "hfcb": (section_hfcb, 90, 1)}
 
 
@@ -224,6 +247,8 @@ def table(results: dict) -> str:
         for k, v in r.items():
             lines.append(f"busy {name} {k}: GPU busy {100 * v['gpu_busy_fraction']:.0f}%, {v['gpu_ms_per_step']:.2f} of "
                          f"{v['wall_ms_per_step']:.2f} ms/step, {v['kernels_per_step']:.0f} kernels/step")
+    for name, r in results.get("batch1", {}).items():
+        lines.append(f"batch-1 decode {name}: " + ", ".join(f"{k} {v['tok_s']:.0f} tok/s" for k, v in r.items()))
     for name, r in results.get("parity", {}).items():
         lines.append(f"parity {name}: {r}")
     lines.append(f"errors: {list(results.get('errors', {}))}")
