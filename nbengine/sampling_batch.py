@@ -11,6 +11,8 @@ row greedy? which rows filter?) are plain Python values computed at the same tim
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .sequence import Sequence
@@ -18,7 +20,9 @@ from .sequence import Sequence
 
 class SamplingBatch:
     def __init__(self, seqs: list[Sequence], vocab_size: int, device: torch.device) -> None:
-        self.seqs = list(seqs)  # held, so the identity check in ``matches`` can't see a recycled object
+        # weak references: the cache must not keep finished requests (and their tensors) alive, and a dead
+        # reference never matches, so a recycled object id can't pass for the old sequence
+        self._refs = [weakref.ref(s) for s in seqs]
         b, v = len(seqs), vocab_size
         params = [s.params for s in seqs]
         self.greedy = [p.is_greedy for p in params]
@@ -72,4 +76,4 @@ class SamplingBatch:
 
     def matches(self, seqs: list[Sequence]) -> bool:
         """The same sequences in the same order (their parameters never change while they run)."""
-        return len(seqs) == len(self.seqs) and all(a is b for a, b in zip(seqs, self.seqs))
+        return len(seqs) == len(self._refs) and all(r() is s for r, s in zip(self._refs, seqs))
