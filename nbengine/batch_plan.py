@@ -31,6 +31,7 @@ class BatchPlan:
     sample_rows: list[int] = field(default_factory=list)
     input_rows: list[tuple[int, int, int]] = field(default_factory=list)
     num_decodes: int = 0
+    has_pending: bool = False  # some ids are placeholders for tokens still being sampled (overlap)
 
     @property
     def batch_size(self) -> int:
@@ -47,14 +48,34 @@ class BatchPlan:
         """Items must be ordered decodes first (one new token each)."""
         plan = cls(page_size)
         n_logits = 0
+        ids, positions, slots, q_starts, q_lens = plan.ids, plan.positions, plan.slots, plan.q_starts, plan.q_lens
         for it in items:
             seq, start, n = it.seq, it.start, it.num_tokens
-            row0 = len(plan.ids)
-            plan.q_starts.append(row0)
-            plan.ids.extend(seq.tokens(start, start + n))
-            plan.positions.extend(range(start, start + n))
-            _extend_slots(plan.slots, seq.pages, start, n, page_size)
-            plan.q_lens.append(n)
+            row0 = len(ids)
+            q_starts.append(row0)
+            p, n_out = len(seq.prompt_ids), len(seq.output_ids)
+            if n == 1 and start + 1 == p + n_out + seq.num_pending and not seq.logprob.return_logprob:
+                # the common case, a decode (or a one-token last chunk), without the general path's lists
+                if seq.num_pending and start == p + n_out:
+                    ids.append(-(seq.pending_row + 1))
+                    plan.has_pending = True
+                else:
+                    ids.append(seq.prompt_ids[start] if start < p else seq.output_ids[start - p])
+                positions.append(start)
+                slots.append(seq.pages[start // page_size] * page_size + start % page_size)
+                q_lens.append(1)
+                plan.seq_lens.append(start + 1)
+                plan.tables.append(seq.pages)
+                plan.input_rows.append((n_logits, 0, 0))
+                plan.logits_rows.append(row0)
+                plan.sample_rows.append(n_logits)  # the sequence's last token: it samples
+                n_logits += 1
+                continue
+            ids.extend(seq.tokens(start, start + n))
+            plan.has_pending |= seq.num_pending > 0
+            positions.extend(range(start, start + n))
+            _extend_slots(slots, seq.pages, start, n, page_size)
+            q_lens.append(n)
             plan.seq_lens.append(start + n)
             plan.tables.append(seq.pages)
             # prompt positions whose logits score the next prompt token (input logprobs)

@@ -28,6 +28,7 @@ _ARG_KINDS: dict[str, tuple[str, bool]] = {
     "max_total_tokens": ("int", True), "mem_fraction_static": ("number", True),
     "chunked_prefill_size": ("int", True), "page_size": ("int", False), "schedule_policy": ("str", False),
     "disable_radix_cache": ("bool", False), "disable_cuda_graph": ("bool", False),
+    "disable_overlap_schedule": ("bool", False),
     "cuda_graph_max_bs": ("int", True), "random_seed": ("int", True), "tp_size": ("int", False),
     "dp_size": ("int", False), "enable_return_hidden_states": ("bool", False),
     "skip_tokenizer_init": ("bool", False), "log_level": ("str", True),
@@ -66,6 +67,7 @@ class EngineConfig:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = True
     disable_cuda_graph: bool = False
+    disable_overlap_schedule: bool = False  # True: read each step's sampled ids before scheduling the next
     cuda_graph_max_bs: int | None = None  # CUDA: decode graphs for batches up to this (default min(256, max running))
     attention_backend: str | None = None  # "triton" (default on CUDA) | "flash_attn" | "torch" (default on CPU)
     random_seed: int | None = None

@@ -63,9 +63,12 @@ class CudaGraphRunner:
     def can_run(self, plan: BatchPlan) -> bool:
         return plan.is_plain_decode and plan.batch_size <= self.max_bs
 
-    def replay(self, plan: BatchPlan) -> torch.Tensor:
+    def replay(self, plan: BatchPlan, fill_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """``fill_ids(ids)`` edits the step's input ids on the device before the replay (overlap's placeholders)."""
         n = plan.batch_size
         bs = next(s for s in self.sizes if s >= n)
-        self.buffers.write(plan, pad_to=bs)
+        offsets = self.buffers.write(plan, pad_to=bs)[-1]
+        if fill_ids is not None:
+            fill_ids(self.buffers.device_buf[offsets[0]:offsets[0] + bs])
         self._graphs[bs].replay()
         return self.logits[:n]

@@ -7,8 +7,9 @@ import logging
 import queue
 import time
 import weakref
+from collections import deque
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from . import hooks
 from .config import EngineConfig, model_sampling_defaults
@@ -72,11 +73,12 @@ class Engine:
             return self._sync_stream(specs, single)
         q: queue.Queue = queue.Queue()
         rids = self._submit(specs, single, stream=False, emit=_queue_emit(q))
+        got: deque = deque()
         results: list[dict | None] = [None] * len(specs)
         progress = hooks.batch_started(len(specs)) if not single else None
         try:
             for _ in range(len(specs)):
-                i, out = self._get_sync(q)
+                i, out = self._get_sync(q, got)
                 results[i] = out
                 if progress is not None:
                     progress.advance(1)
@@ -104,11 +106,12 @@ class Engine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         rids = self._submit(specs, single, stream=False, emit=_async_emit(loop, q))
+        got: deque = deque()
         results: list[dict | None] = [None] * len(specs)
         progress = hooks.batch_started(len(specs)) if not single else None
         try:
             for _ in range(len(specs)):
-                i, out = await self._get_async(q)
+                i, out = await self._get_async(q, got)
                 results[i] = out
                 if progress is not None:
                     progress.advance(1)
@@ -123,10 +126,11 @@ class Engine:
     def _sync_stream(self, specs: list[RequestSpec], single: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
         rids = self._submit(specs, single, stream=True, emit=_queue_emit(q))
+        got: deque = deque()
         done = 0
         try:
             while done < len(specs):
-                _, out = self._get_sync(q)
+                _, out = self._get_sync(q, got)
                 done += out["meta_info"]["finish_reason"] is not None
                 yield out
         finally:
@@ -136,10 +140,11 @@ class Engine:
     async def _async_stream(self, specs: list[RequestSpec], single: bool) -> AsyncIterator[dict]:
         q: asyncio.Queue = asyncio.Queue()
         rids = self._submit(specs, single, stream=True, emit=_async_emit(asyncio.get_running_loop(), q))
+        got: deque = deque()
         done = 0
         try:
             while done < len(specs):
-                _, out = await self._get_async(q)
+                _, out = await self._get_async(q, got)
                 done += out["meta_info"]["finish_reason"] is not None
                 yield out
         finally:
@@ -212,23 +217,24 @@ class Engine:
         except Exception:  # noqa: BLE001 - the engine is gone; nothing to abort
             pass
 
-    def _get_sync(self, q: queue.Queue) -> tuple[int, dict]:
-        while True:
+    def _get_sync(self, q: queue.Queue, got: deque) -> tuple[int, dict]:
+        """The next ``(index, output)`` of a call; ``got`` keeps the rest of a step's delivery."""
+        while not got:
             try:
-                i, out = q.get(timeout=_POLL)
+                got.extend(q.get(timeout=_POLL))
             except queue.Empty:
                 self._thread.check()
-                continue
-            return i, _as_output(out)
+        i, out = got.popleft()
+        return i, _as_output(out)
 
-    async def _get_async(self, q: asyncio.Queue) -> tuple[int, dict]:
-        while True:
+    async def _get_async(self, q: asyncio.Queue, got: deque) -> tuple[int, dict]:
+        while not got:
             try:
-                i, out = await asyncio.wait_for(q.get(), _POLL)
+                got.extend(await asyncio.wait_for(q.get(), _POLL))
             except asyncio.TimeoutError:
                 self._thread.check()
-                continue
-            return i, _as_output(out)
+        i, out = got.popleft()
+        return i, _as_output(out)
 
 
 def _as_output(out: RequestOutput | BaseException) -> dict:
@@ -238,22 +244,29 @@ def _as_output(out: RequestOutput | BaseException) -> dict:
     return out.to_dict()
 
 
-def _queue_emit(q: queue.Queue):
-    """For request ``i`` of a call, the callback that hands its outputs to a waiting thread."""
-    def for_index(i: int):
+class _Sink:
+    """Where the outputs of one ``generate`` call go. The engine thread hands over all the outputs of a step
+    for one call with one ``deliver`` (one wake-up of the waiting thread or loop per step, not one per token);
+    outside a step each output goes alone through its request's ``emit``."""
+
+    def __init__(self, put: Callable[[list[tuple[int, Any]]], None]) -> None:
+        self.deliver = put
+
+    def __call__(self, i: int) -> Callable[[Any], None]:
         def emit(out: RequestOutput | BaseException) -> None:
-            q.put((i, out))
+            self.deliver([(i, out)])
+        emit.sink, emit.index = self, i  # type: ignore[attr-defined]
         return emit
-    return for_index
 
 
-def _async_emit(loop: asyncio.AbstractEventLoop, q: asyncio.Queue):
-    """For request ``i`` of a call, the callback that hands its outputs to a waiting event loop."""
-    def for_index(i: int):
-        def emit(out: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, (i, out))
-        return emit
-    return for_index
+def _queue_emit(q: queue.Queue) -> _Sink:
+    """Outputs of a call to a waiting thread: each ``put`` is a list of ``(index, output)``."""
+    return _Sink(q.put)
+
+
+def _async_emit(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> _Sink:
+    """Outputs of a call to a waiting event loop: one ``call_soon_threadsafe`` per delivery."""
+    return _Sink(lambda items: loop.call_soon_threadsafe(q.put_nowait, items))
 
 
 def _load_tokenizer(tokenizer_path: Any, model_dir: Any) -> Tokenizer:

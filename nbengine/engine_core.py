@@ -16,10 +16,11 @@ import torch
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner
+from .inflight import HostIds, InFlightStep
+from .model_runner import ModelRunner, StepLogits
 from .request_output import RequestOutput
 from .sampler import SampleResult, Sampler
-from .scheduler import Scheduler
+from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -47,6 +48,13 @@ class EngineCore:
         self.max_request_tokens = min(self.runner.context_length, self.pool.capacity_tokens)
         # fault injection for tests: called as fault_hook(site, seqs) at "runner", "sampler", "detokenizer"
         self.fault_hook: Callable[[str, list[Sequence]], None] | None = None
+        # overlap scheduling: on CUDA the next step is scheduled and launched before this one's ids are read.
+        # On CPU every op runs before it returns, so there is nothing to overlap (and reading a step late
+        # would only delay its tokens): the loop stays synchronous there.
+        self.overlap = self.runner.device.type == "cuda" and not config.disable_overlap_schedule
+        self.in_flight: InFlightStep | None = None
+        self._outbox: dict[Any, list[tuple[Sequence, int, Any]]] | None = None  # a step's outputs, per caller
+        self._host_ids = HostIds(self.runner.max_running, self.runner.device)
 
     # --------------------------------------------------------------- intake
     def add(self, seqs: list[Sequence]) -> None:
@@ -91,25 +99,59 @@ class EngineCore:
                 pass
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     # ----------------------------------------------------------------- step
-    @torch.inference_mode()  # the sampler edits the step's (inference-mode) logits in place
     def step(self) -> None:
+        """One step; the outputs it makes reach each ``generate`` call in one delivery at the end."""
+        self._outbox = {}
+        try:
+            self._step()
+        finally:
+            outbox, self._outbox = self._outbox, None
+            for sink, entries in outbox.items():
+                try:
+                    sink.deliver([(i, out) for _, i, out in entries])
+                except Exception:  # noqa: BLE001 - a caller whose loop closed must not kill the engine
+                    logger.warning("could not deliver outputs of %d requests; aborting them", len(entries),
+                                   exc_info=True)
+                    for seq, _, _ in entries:
+                        self._drop(seq)
+
+    @torch.inference_mode()  # the sampler edits the step's (inference-mode) logits in place
+    def _step(self) -> None:
         """One step. An error in the scheduler or the model runner propagates (the engine thread dies:
-        the model and KV state can't be trusted); an error tied to one request ends only that request."""
+        the model and KV state can't be trusted); an error tied to one request ends only that request.
+
+        With overlap, a step that needs nothing from the host between sampling and the next step (no
+        logprobs, penalties or ``min_new_tokens``) leaves its sampled ids on the device; they are read and
+        appended in the next step, after that step is launched."""
         items = self.scheduler.schedule()
         for seq in self.scheduler.take_dropped():
             self._finish(seq, {"type": "abort", "message": (
                 f"the request needs more KV slots ({seq.num_tokens + 1}) than the pool holds "
                 f"({self.pool.capacity_tokens}); raise max_total_tokens or shorten it")})
+        prev, self.in_flight = self.in_flight, None
         if not items:
+            self._resolve(prev)
             return
         t0 = time.perf_counter()
         self._fault("runner", [it.seq for it in items])
-        out, items = self.runner.run(items)
+        out, items = self.runner.run(items, prev.ids if prev is not None else None)
         for it in items:
             it.seq.num_computed += it.num_tokens
+        if self.overlap and self._deferrable(items, out):
+            sampling = [it.seq for it, r in zip(items, out.sample_rows) if r >= 0]
+            try:
+                self._fault("sampler", sampling)
+                ids = self.sampler.sample(out.logits[: len(sampling)], sampling)
+            except Exception:  # noqa: BLE001 - sample this step synchronously: its row-by-row fallback finds the culprit
+                logger.warning("deferred sampling failed; sampling this step synchronously", exc_info=True)
+            else:
+                self.in_flight = self._host_ids.start(sampling, ids)
+                self._resolve(prev)
+                return
+        self._resolve(prev)  # this step's sampling reads the outputs so far (min_new_tokens, penalties)
         for it, (r0, n, pos) in zip(items, out.input_rows):
             if n:
                 self._guarded(it.seq, self._input_logprobs, it.seq, pos, out.logits[r0 : r0 + n])
@@ -120,6 +162,23 @@ class EngineCore:
         self.last_gen_throughput = len(sampled) / max(time.perf_counter() - t0, 1e-9)
         for seq, token, lp, top in sampled:
             self._guarded(seq, self._append, seq, token, lp, top)
+
+    def _deferrable(self, items: list[ScheduledSeq], out: StepLogits) -> bool:
+        """True when nothing in this step needs the host between sampling and the next step."""
+        for it, (_, n, _) in zip(items, out.input_rows):
+            seq, p = it.seq, it.seq.params
+            if n or seq.logprob.return_logprob or p.has_penalties or len(seq.output_ids) < p.min_new_tokens:
+                return False
+        return True
+
+    def _resolve(self, step: InFlightStep | None) -> None:
+        """Read a step's sampled ids and append them; sequences that ended meanwhile drop theirs."""
+        if step is None:
+            return
+        for seq, token in zip(step.seqs, step.read()):
+            if not seq.finished:
+                self._guarded(seq, self._append, seq, token, None, None)
+        self.last_gen_throughput = len(step.seqs) / max(time.perf_counter() - step.launched, 1e-9)
 
     def _sample(self, logits: torch.Tensor, sampling: list[tuple[Sequence, int]]) -> list[tuple]:
         """``(seq, token, logprob, top)`` for each sampling row. When the batch fails, each row is sampled
@@ -226,6 +285,10 @@ class EngineCore:
             out = e
         if isinstance(out, Exception):
             self._drop(seq)
+        sink = getattr(seq.emit, "sink", None)
+        if self._outbox is not None and sink is not None:  # inside a step: delivered with the step's others
+            self._outbox.setdefault(sink, []).append((seq, seq.emit.index, out))
+            return
         try:
             seq.emit(out)
         except Exception:  # noqa: BLE001 - a caller whose loop closed must not kill the engine

@@ -225,16 +225,26 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ a step
     @torch.inference_mode()
-    def run(self, items: list[ScheduledSeq]) -> tuple[StepLogits, list[ScheduledSeq]]:
-        """Run one step; returns logits and the items in the row order used."""
+    def run(self, items: list[ScheduledSeq], pending: torch.Tensor | None = None
+            ) -> tuple[StepLogits, list[ScheduledSeq]]:
+        """Run one step; returns logits and the items in the row order used. ``pending``: the previous
+        step's sampled ids, still on the device, for the placeholders ``-(row + 1)`` among this step's ids."""
         t0 = time.perf_counter()
         items = sorted(items, key=lambda it: it.num_tokens != 1)  # decodes first (stable)
         plan = BatchPlan.build(items, self.config.page_size)
+        fill = None
+        if plan.has_pending:
+            if pending is None:
+                raise RuntimeError("a step feeds tokens still being sampled, but no step is in flight")
+            fill = lambda ids: _fill_pending(ids, pending)  # noqa: E731
         if self.graphs is not None and self.graphs.can_run(plan):
-            logits = self.graphs.replay(plan)
+            logits = self.graphs.replay(plan, fill)
             self.times.graph_steps += 1
         else:
-            logits = self.launch(self.prepare(plan), self.pool.kv)
+            fb = self.prepare(plan)
+            if fill is not None:
+                fill(fb.input_ids)
+            logits = self.launch(fb, self.pool.kv)
         self.times.steps += 1
         self.times.host_s += time.perf_counter() - t0
         return StepLogits(logits, plan.sample_rows, plan.input_rows), items
@@ -258,6 +268,12 @@ class ModelRunner:
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _fill_pending(ids: torch.Tensor, pending: torch.Tensor) -> None:
+    """Replace the placeholders ``-(row + 1)`` in ``ids`` with ``pending[row]``, on the device (no sync)."""
+    rows = (-ids - 1).clamp_(min=0).long()
+    ids.copy_(torch.where(ids < 0, pending.index_select(0, rows).to(ids.dtype), ids))
 
 
 def _module_bytes(model: torch.nn.Module) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling_batch import SamplingBatch
 from .sequence import Sequence
 
 
@@ -50,25 +51,39 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self._batch: SamplingBatch | None = None  # the latest batch's parameters on the device
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """``logits``: ``[B, V]`` float32 (may be modified in place); one row per sequence."""
+        tokens = self.sample(logits, seqs)
+        token_list = tokens.tolist()
+        lp_out, top_out = self._logprobs(logits[:, : self.vocab_size], tokens, seqs)
+        self.record(seqs, token_list)
+        return SampleResult(token_list, lp_out, top_out)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The sampled ids ``[B]`` as a device tensor. Without penalties and ``min_new_tokens`` (whose
+        inputs change every step) the host never waits on the device here: the batch's parameters are
+        device tensors, rebuilt only when the batch changes."""
         b, v = logits.shape
         if v > self.vocab_size:  # padded LM heads
             logits = logits[:, : self.vocab_size]
-        self._apply_bias_and_penalties(logits, seqs)
+        params = self._params(seqs)
+        self._apply_bias_and_penalties(logits, seqs, params)
+        if params.all_greedy:
+            return logits.argmax(dim=-1)
+        return self._sample(logits, seqs, params)
 
-        greedy = [s.params.is_greedy for s in seqs]
-        if all(greedy):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, seqs, greedy)
-        token_list = tokens.tolist()
-        lp_out, top_out = self._logprobs(logits, tokens, seqs)
-        for s, t in zip(seqs, token_list):
+    def record(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        """The running penalty counts take each sampled token."""
+        for s, t in zip(seqs, tokens):
             if s.penalties is not None:
                 s.penalties.add(t)
-        return SampleResult(token_list, lp_out, top_out)
+
+    def _params(self, seqs: list[Sequence]) -> SamplingBatch:
+        if self._batch is None or not self._batch.matches(seqs):
+            self._batch = SamplingBatch(seqs, self.vocab_size, self.device)
+        return self._batch
 
     # ------------------------------------------------------------------ steps
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
@@ -93,13 +108,12 @@ class Sampler:
                 top_out[i] = list(zip(vals[j][:n], ids[j][:n]))
         return lp_out, top_out
 
-    def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _apply_bias_and_penalties(self, logits: torch.Tensor, seqs: list[Sequence], params: SamplingBatch) -> None:
+        if params.has_bias:
+            logits.index_put_((params.bias_rows, params.bias_tokens), params.bias_values, accumulate=True)
         for i, s in enumerate(seqs):
             p = s.params
-            if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), device=logits.device)
-                logits[i].index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=logits.device))
-            if len(s.output_ids) < p.min_new_tokens:
+            if p.min_new_tokens and len(s.output_ids) < p.min_new_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_ids)
                 if banned:
                     logits[i, banned] = float("-inf")
@@ -122,45 +136,37 @@ class Sampler:
         sub = sub - freq * counts - pres * (counts > 0).float()
         logits.index_copy_(0, idx, sub)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], params: SamplingBatch) -> torch.Tensor:
         """Draw one token per row; rows that are greedy come out as the argmax. Filtering (top-k/p) and
         noise only touch the rows that need them."""
         dev = logits.device
-        temp = torch.tensor([1.0 if g else s.params.temperature for s, g in zip(seqs, greedy)], device=dev)
-        probs = torch.softmax(logits / temp[:, None], dim=-1)
+        probs = torch.softmax(logits / params.temperature, dim=-1)
         v = probs.shape[1]
-        top_k = [min(s.params.effective_top_k, v) for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
-        rows = [i for i, g in enumerate(greedy) if not g and (top_k[i] < v or top_p[i] < 1.0)]
-        if rows:
-            idx = torch.tensor(rows, device=dev)
+        if params.filter_rows:
+            idx = params.filter_idx
             sub = probs.index_select(0, idx)
             # top-k alone needs only the k best; top-p needs the whole sorted row
-            k_max = max(top_k[i] for i in rows) if all(top_p[i] >= 1.0 for i in rows) else v
+            k_max = v if params.filter_needs_sort else params.filter_k_max
             sorted_p, order = sub.topk(k_max, dim=-1) if k_max < v else sub.sort(dim=-1, descending=True)
             ranks = torch.arange(sorted_p.shape[1], device=dev)[None, :]
-            drop = ranks >= torch.tensor([top_k[i] for i in rows], device=dev)[:, None]
+            drop = ranks >= params.top_k
             before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each candidate
-            drop |= before > torch.tensor([top_p[i] for i in rows], device=dev)[:, None]
+            drop |= before > params.top_p
             kept = torch.zeros_like(sub).scatter_(1, order, sorted_p.masked_fill(drop, 0.0))
             probs.index_copy_(0, idx, kept)
-        min_p = [s.params.min_p for s in seqs]
-        if any(m > 0 for m in min_p):
-            thresh = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=dev)[:, None]
+        if params.uses_min_p:
+            thresh = probs.max(dim=-1, keepdim=True).values * params.min_p
             probs = probs.masked_fill(probs < thresh, 0.0)
 
         noise = torch.ones_like(probs)
-        seeded = [i for i, g in enumerate(greedy) if not g and seqs[i].generator is not None]
-        shared = [i for i, g in enumerate(greedy) if not g and seqs[i].generator is None]
-        if len(shared) == len(seqs):
+        if len(params.shared) == len(seqs):
             noise.exponential_(generator=self.generator)
-        elif shared:
-            idx = torch.tensor(shared, device=dev)
-            noise.index_copy_(0, idx, torch.empty(len(shared), v, device=dev).exponential_(generator=self.generator))
-        for i in seeded:  # a seeded request draws from its own generator: same text in any batch
+        elif params.shared:
+            noise.index_copy_(0, params.shared_idx,
+                              torch.empty(len(params.shared), v, device=dev).exponential_(generator=self.generator))
+        for i in params.seeded:  # a seeded request draws from its own generator: same text in any batch
             noise[i].exponential_(generator=seqs[i].generator)
         sampled = (probs / noise).argmax(dim=-1)
-        if any(greedy):
-            g = torch.tensor(greedy, device=dev)
-            sampled = torch.where(g, logits.argmax(dim=-1), sampled)
+        if params.any_greedy:
+            sampled = torch.where(params.greedy_mask, logits.argmax(dim=-1), sampled)
         return sampled

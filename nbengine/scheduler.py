@@ -73,9 +73,11 @@ class Scheduler:
         # 1. decodes, oldest first; preempt from the newest end when pages run out
         preemptions_before = self.num_preemptions
         i = 0
+        waiting_on_device = False  # a sequence whose last token is still being sampled
         while i < len(self.running):
             seq = self.running[i]
-            if seq.is_prefilling:
+            if seq.is_prefilling or seq.final_token_pending:
+                waiting_on_device |= seq.final_token_pending
                 i += 1
                 continue
             while not self.pool.grow(seq.pages, seq.num_computed + 1):
@@ -125,7 +127,10 @@ class Scheduler:
             budget -= n
 
         # 4. nothing could run (prefills stuck on a full pool): free the newest and retry;
-        # a prefill stuck with the pool to itself can never fit
+        # a prefill stuck with the pool to itself can never fit. Not while a step in flight may finish
+        # sequences: that frees their pages.
+        if not batch and waiting_on_device:
+            return batch
         if not batch and len(self.running) > 1:
             self._preempt(self.running[-1])
             return self.schedule()

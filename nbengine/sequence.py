@@ -59,9 +59,17 @@ class Sequence:
     last_emitted_tokens: int = 0
     last_emitted_text: int = 0
     input_lp_pos: int = 0  # next prompt position whose input logprob is still to compute
+    # overlap scheduling: tokens sampled on the device but not read yet (0-2), and the row of the newest
+    # one in its step's sampled ids; a step scheduled meanwhile feeds it as the placeholder ``-(row + 1)``
+    num_pending: int = 0
+    pending_row: int = -1
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids ``start:end`` of prompt + output, without copying the whole sequence."""
+        if self.num_pending and end > len(self.prompt_ids) + len(self.output_ids):
+            # the newest token is still on the device: the runner fills the placeholder in there
+            head = self.tokens(start, end - 1) if end - 1 > start else []
+            return head + [-(self.pending_row + 1)]
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]
@@ -71,7 +79,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def final_token_pending(self) -> bool:
+        """The token on the device is the last one ``max_new_tokens`` allows: nothing more to schedule."""
+        n = self.params.max_new_tokens
+        return self.num_pending > 0 and n is not None and len(self.output_ids) + self.num_pending >= n
 
     @property
     def num_uncomputed(self) -> int:

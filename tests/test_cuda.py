@@ -134,3 +134,20 @@ def test_torch_attention_backend_still_runs_on_cuda(tiny_no_tokenizer):
         outs = llm.generate(input_ids=PROMPTS[:3], sampling_params=sp)
     for p, o in zip(PROMPTS[:3], outs):
         assert o["output_ids"] == _hf_greedy(tiny_no_tokenizer, torch.float32, p, 6)[0]
+
+
+def test_overlap_gives_the_same_greedy_tokens_with_and_without_cuda_graphs(tiny_no_tokenizer):
+    """float32: bf16 GEMMs may round differently at another batch size, and overlap admits a step later."""
+    from nbengine.engine import Engine
+
+    sp = [{"temperature": 0, "max_new_tokens": m, "ignore_eos": True} for m in (3, 20, 9, 14, 1, 20, 7, 11)]
+    runs = {}
+    for overlap in (True, False):
+        for graphs in (True, False):
+            with Engine(str(tiny_no_tokenizer), device="cuda", dtype="float32", skip_tokenizer_init=True,
+                        disable_overlap_schedule=not overlap, disable_cuda_graph=not graphs, cuda_graph_max_bs=4,
+                        max_running_requests=4) as llm:
+                assert llm._thread.core.overlap is overlap
+                runs[overlap, graphs] = [o["output_ids"] for o in llm.generate(input_ids=PROMPTS, sampling_params=sp)]
+    assert [len(x) for x in runs[False, False]] == [3, 20, 9, 14, 1, 20, 7, 11]
+    assert all(r == runs[False, False] for r in runs.values())
