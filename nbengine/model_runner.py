@@ -229,15 +229,27 @@ class ModelRunner:
         """Run one step; returns logits and the items in the row order used."""
         t0 = time.perf_counter()
         items = sorted(items, key=lambda it: it.num_tokens != 1)  # decodes first (stable)
+        self._encode_images(items)
         plan = BatchPlan.build(items, self.config.page_size)
         if self.graphs is not None and self.graphs.can_run(plan):
             logits = self.graphs.replay(plan)
             self.times.graph_steps += 1
         else:
-            logits = self.launch(self.prepare(plan), self.pool.kv)
+            logits = self.launch(plan.attach_multimodal(self.prepare(plan), self.device), self.pool.kv)
+            for it in items:  # a prompt's image embeddings are not needed once its image tokens are in the cache
+                if it.seq.mm is not None and it.start + it.num_tokens >= it.seq.mm.end:
+                    it.seq.release_images()
         self.times.steps += 1
         self.times.host_s += time.perf_counter() - t0
         return StepLogits(logits, plan.sample_rows, plan.input_rows), items
+
+    def _encode_images(self, items: list[ScheduledSeq]) -> None:
+        """Run the vision tower once per request, on the first step that computes one of its image tokens."""
+        for it in items:
+            mm = it.seq.mm
+            if mm is not None and mm.embeds is None and mm.overlaps(it.start, it.num_tokens):
+                pixels = mm.pixel_values.to(self.device, non_blocking=True)
+                mm.embeds = self.model.encode_images(pixels, mm.grids).to(self.dtype)
 
     def prepare(self, plan: BatchPlan) -> ForwardBatch:
         """The step's metadata on the device, and the attention backend's plan for it."""

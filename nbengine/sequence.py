@@ -59,6 +59,12 @@ class Sequence:
     last_emitted_tokens: int = 0
     last_emitted_text: int = 0
     input_lp_pos: int = 0  # next prompt position whose input logprob is still to compute
+    mm: Any = None  # MultimodalInputs of a request with images (its image embeddings are cached on it)
+
+    def release_images(self) -> None:
+        """Drop the cached image embeddings (preemption, abort, end); they are recomputed if needed again."""
+        if self.mm is not None:
+            self.mm.embeds = None
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids ``start:end`` of prompt + output, without copying the whole sequence."""
