@@ -124,3 +124,14 @@ def llama3_tok_model(tmp_path_factory) -> Path:
     """A tiny random Llama whose tokenizer is the Llama-3-style one built above (adds BOS by itself)."""
     root = tmp_path_factory.mktemp("llama3-tokenizer")
     return _tiny("llama3tok", root / "model", build_llama3_style_tokenizer(root / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL (word-level tokenizer with Qwen's vision tokens, a PIL image processor)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from random_vlm import build_random_vlm
+
+    return build_random_vlm("tiny", tmp_path_factory.mktemp("tiny-vlm") / "qwen2.5-vl")
