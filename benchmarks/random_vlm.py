@@ -1,6 +1,7 @@
 """Random-weight Qwen2.5-VL folders (a tiny one for tests, one in the 3B shape for benchmarks).
 
     python benchmarks/random_vlm.py tiny /tmp/random-qwen2.5-vl-tiny
+    python benchmarks/random_vlm.py small /tmp/random-qwen2.5-vl-small   # CPU benchmark size
     python benchmarks/random_vlm.py qwen2.5-vl-3b /tmp/random-qwen2.5-vl-3b
 
 The folder holds the transformers config, safetensors with random weights, the word-level tokenizer
@@ -30,6 +31,14 @@ PRESETS: dict[str, dict] = {
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
         pixels=(28 * 28 * 4, 28 * 28 * 64), dtype="float32"),
+    "small": dict(  # CPU benchmarks: big enough that the model, not the host loop, is timed
+        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=8192, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+                  tie_word_embeddings=True),
+        vision=dict(depth=4, hidden_size=256, intermediate_size=704, num_heads=4, out_hidden_size=512, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[3]),
+        pixels=(28 * 28 * 4, 28 * 28 * 1280), dtype="float32"),
     "qwen2.5-vl-3b": dict(
         text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,

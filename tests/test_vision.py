@@ -26,25 +26,31 @@ CASES = [("w10 w11 w12 w13 w14", None), (f"w20 w21 {IMG} w22 w23", SMALL),
          (f"w30 {IMG} w31 {IMG} w32 w33", [TALL, SMALL])]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_vlm):
-    """Greedy tokens and their logprobs from transformers for each case (prompt expanded by our processor)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+def _hf_inputs(model_dir):
+    """For each case: our expanded prompt ids, and transformers' input_ids tensor and image kwargs."""
     from nbengine.multimodal import load_processor
     from nbengine.tokenizer import Tokenizer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm, dtype=torch.float32).eval()
-    proc, tok = load_processor(tiny_vlm), Tokenizer(tiny_vlm)
-    out = []
+    proc, tok = load_processor(model_dir), Tokenizer(model_dir)
     for prompt, images in CASES:
         ids, mm = proc.process(tok.encode(prompt), [] if images is None else
                                images if isinstance(images, list) else [images], "p")
         x = torch.tensor([ids])
         kw = {} if mm is None else dict(pixel_values=mm.pixel_values, image_grid_thw=torch.tensor(mm.grids),
                                         mm_token_type_ids=(x == proc.image_token_id).int())
+        yield ids, x, kw
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm):
+    """Greedy tokens and their logprobs from transformers for each case (prompt expanded by our processor)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm, dtype=torch.float32).eval()
+    out = []
+    for ids, x, kw in _hf_inputs(tiny_vlm):
         with torch.no_grad():
             g = hf.generate(input_ids=x, **kw, max_new_tokens=GREEDY["max_new_tokens"], do_sample=False,
                             output_logits=True, return_dict_in_generate=True)
@@ -141,3 +147,34 @@ def test_too_many_images_for_one_prompt_raise(tiny_vlm):
     with Engine(str(tiny_vlm), random_seed=0) as llm:
         with pytest.raises(ValueError, match="at most 16"):
             llm.generate("w1 " + IMG * 17, GREEDY, image_data=[SMALL] * 17)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_float32_greedy_matches_transformers(tiny_vlm, reference, backend):
+    with Engine(str(tiny_vlm), random_seed=0, device="cuda", dtype="float32", attention_backend=backend,
+                chunked_prefill_size=8, max_running_requests=2) as llm:
+        _check(_generate(llm), reference)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_bfloat16_prompt_logprobs_match_transformers_within_bf16_rounding(tiny_vlm):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm, dtype=torch.float32).eval()
+    with Engine(str(tiny_vlm), random_seed=0, device="cuda", dtype="bfloat16") as llm:
+        outs = llm.generate([p for p, _ in CASES], {"temperature": 0, "max_new_tokens": 1},
+                            image_data=[im for _, im in CASES], return_logprob=True, logprob_start_len=0)
+    for (ids, x, kw), out in zip(_hf_inputs(tiny_vlm), outs):
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(input_ids=x, **kw).logits[0].float(), -1)
+        want = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+        got = [v for v, _, _ in out["meta_info"]["input_token_logprobs"][1:]]
+        assert np.allclose(got, want, atol=0.08), max(abs(a - b) for a, b in zip(got, want))
+
