@@ -8,7 +8,7 @@
 Every request is a chat prompt with one random ``--image-size`` square image and the same short
 question (so transformers needs no padding), greedy, ``ignore_eos`` (exactly ``--output-len`` tokens).
 Reports output tok/s and the mean time to first token of each backend, nbengine's ratios, and the
-device; writes JSON next to this file. nbengine's TTFT is each request's first streamed token from
+device; writes JSON to benchmarks/results/vision.json (--out). nbengine's TTFT is each request's first streamed token from
 the moment the batch is submitted; transformers' is its whole batch's ``generate`` with one new token.
 """
 
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--backend", default="nbengine,hf")
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vision.json"))
     args = ap.parse_args()
     model = build_random_vlm(args.preset, args.model_dir or f"/tmp/random-vlm-{args.preset}")
     imgs = images(args.requests, args.image_size)

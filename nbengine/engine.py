@@ -44,7 +44,7 @@ class Engine:
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             self.config.tokenizer_path, self.model_dir)
         # the image input processor of a vision-language model (None for text-only models)
-        self.processor = None if self.config.skip_tokenizer_init else load_processor(self.model_dir)
+        self.processor = load_processor(self.model_dir)
         defaults = model_sampling_defaults(self.model_dir) if self.config.sampling_defaults == "model" else {}
         self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
         info = self._thread.call(self._thread.live_core().info)

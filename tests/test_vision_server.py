@@ -52,6 +52,15 @@ def test_chat_image_parts_as_data_uris_answer_as_the_engine_does(llm):
         assert r.status_code == 400 and "--allow-image-urls" in r.json()["error"]["message"]
         r = _chat(handle.url, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}})
         assert r.status_code == 400 and "could not be read as an image" in r.json()["error"]["message"]
+        # SGLang's /generate: data URIs and base64 work; a file path is never read for a client
+        native = {"text": "w20 w21 <|vision_start|><|image_pad|><|vision_end|>",
+                  "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+        want = llm.generate(native["text"], native["sampling_params"], image_data=PNG)["output_ids"]
+        for image in (DATA_URI, base64.b64encode(PNG).decode()):
+            r = httpx.post(handle.url + "/generate", json={**native, "image_data": image}, timeout=120)
+            assert r.status_code == 200 and r.json()["output_ids"] == want, r.text
+        r = httpx.post(handle.url + "/generate", json={**native, "image_data": "/etc/hostname"}, timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "image_data"
     finally:
         handle.stop()
 

@@ -7,6 +7,8 @@ outbound requests on a client's behalf, which a host may not want.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import urllib.request
 from typing import Any
 
@@ -48,3 +50,39 @@ def fetch(url: str, where: str) -> bytes:
         raise APIError(f"The image at {url[:200]} is larger than {MAX_IMAGE_BYTES} bytes.", param=where,
                        code="invalid_value")
     return data
+
+
+def remote_images(image_data: Any, allow_urls: bool) -> Any:
+    """``/generate``'s ``image_data`` made safe for a remote client: every string must be a data URI, an
+    http(s) URL (with ``allow_urls``; returned to be fetched) or bare base64 (decoded here to bytes), so a
+    client can never make the server read one of its own files by passing a path."""
+    if image_data is None:
+        return None
+    if isinstance(image_data, list):
+        return [remote_images(item, allow_urls) for item in image_data]
+    if not isinstance(image_data, str):
+        raise APIError("image_data entries must be strings: data URIs (data:image/png;base64,...) or base64.",
+                       param="image_data", code="invalid_value")
+    if image_data.startswith("data:"):
+        return image_data
+    if image_data.startswith(("http://", "https://")):
+        if not allow_urls:
+            raise APIError("This server does not fetch image URLs; send data URIs or base64, or start the server "
+                           "with --allow-image-urls.", param="image_data", code="invalid_value")
+        return image_data
+    try:
+        return base64.b64decode(image_data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError("image_data entries must be data URIs or base64 (file paths are not read from a client's "
+                       "request).", param="image_data", code="invalid_value") from None
+
+
+async def fetch_urls(image_data: Any) -> Any:
+    """``image_data`` with its http(s) URLs downloaded (in worker threads)."""
+    import asyncio
+
+    if isinstance(image_data, list):
+        return [await fetch_urls(item) for item in image_data]
+    if isinstance(image_data, str) and image_data.startswith(("http://", "https://")):
+        return await asyncio.to_thread(fetch, image_data, "image_data")
+    return image_data

@@ -91,7 +91,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     names = {**BASE_NAMES, "max_new_tokens": max_tokens_name, "top_logprobs_num": "top_logprobs"}
     ids, image_parts = render_messages(ctx, req.messages)
-    images = [await asyncio.to_thread(fetch, src, where) if src.startswith("http") else src
+    images = [await asyncio.to_thread(fetch, src, where) if src.startswith(("http://", "https://")) else src
               for src, where in image_parts]
     names["image_data"] = "messages"
     rid = new_id("chatcmpl")
