@@ -1,6 +1,7 @@
-"""Random-weight Qwen2.5-VL folders (a tiny one for tests, one in the 3B shape for benchmarks).
+"""Random-weight Qwen2.5-VL / Qwen2-VL folders (tiny ones for tests, one in the 3B shape for benchmarks).
 
     python benchmarks/random_vlm.py tiny /tmp/random-qwen2.5-vl-tiny
+    python benchmarks/random_vlm.py tiny-qwen2-vl /tmp/random-qwen2-vl-tiny
     python benchmarks/random_vlm.py small /tmp/random-qwen2.5-vl-small   # CPU benchmark size
     python benchmarks/random_vlm.py qwen2.5-vl-3b /tmp/random-qwen2.5-vl-3b
 
@@ -31,6 +32,14 @@ PRESETS: dict[str, dict] = {
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
         pixels=(28 * 28 * 4, 28 * 28 * 64), dtype="float32"),
+    "tiny-qwen2-vl": dict(  # Qwen2-VL's older tower: LayerNorm, quick_gelu MLP, no windows
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                  tie_word_embeddings=False),
+        vision=dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+        pixels=(28 * 28 * 4, 28 * 28 * 64), dtype="float32", family="qwen2_vl"),
     "small": dict(  # CPU benchmarks: big enough that the model, not the host loop, is timed
         text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=8192, max_position_embeddings=4096, rms_norm_eps=1e-6,
@@ -82,16 +91,17 @@ def build_random_vlm(preset: str, folder: str | Path, seed: int = 0) -> Path:
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     p = PRESETS[preset]
-    config = Qwen2_5_VLConfig(
+    family = "Qwen2VL" if p.get("family") == "qwen2_vl" else "Qwen2_5_VL"
+    config = getattr(transformers, f"{family}Config")(
         text_config=dict(**p["text"], bos_token_id=BOS, eos_token_id=EOS), vision_config=p["vision"],
         vision_start_token_id=3, vision_end_token_id=4, image_token_id=5, video_token_id=6,
         bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=p["text"]["tie_word_embeddings"])
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(getattr(torch, p["dtype"]))
-    if preset == "tiny":
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(config).to(getattr(torch, p["dtype"]))
+    if preset.startswith("tiny"):
         with torch.no_grad():  # larger weights than the default init, so greedy choices are not near-ties
             for name, w in model.named_parameters():
                 if w.dim() == 2 and "visual" not in name:
@@ -104,7 +114,7 @@ def build_random_vlm(preset: str, folder: str | Path, seed: int = 0) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         write_tokenizer(tmp, p["text"]["vocab_size"])
         v = p["vision"]
-        (tmp / "preprocessor_config.json").write_text(json.dumps({
+        (tmp / "preprocessor_config.json").write_text(json.dumps({  # the same image processor for both families
             "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": p["pixels"][0],
             "max_pixels": p["pixels"][1], "patch_size": v["patch_size"], "temporal_patch_size": v["temporal_patch_size"],
             "merge_size": v["spatial_merge_size"], "image_mean": [0.48145466, 0.4578275, 0.40821073],

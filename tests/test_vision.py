@@ -41,16 +41,18 @@ def _hf_inputs(model_dir):
         yield ids, x, kw
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_vlm):
+def _hf_reference(model_dir) -> list[tuple[list[int], list[float]]]:
     """Greedy tokens and their logprobs from transformers for each case (prompt expanded by our processor)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import json
 
+    import transformers
+
+    arch = json.loads((model_dir / "config.json").read_text())["architectures"][0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_vlm, dtype=torch.float32).eval()
+        hf = getattr(transformers, arch).from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
-    for ids, x, kw in _hf_inputs(tiny_vlm):
+    for ids, x, kw in _hf_inputs(model_dir):
         with torch.no_grad():
             g = hf.generate(input_ids=x, **kw, max_new_tokens=GREEDY["max_new_tokens"], do_sample=False,
                             output_logits=True, return_dict_in_generate=True)
@@ -58,6 +60,11 @@ def reference(tiny_vlm):
         lps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(g.logits, tokens)]
         out.append((tokens, lps))
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vlm):
+    return _hf_reference(tiny_vlm)
 
 
 def _check(outs, reference) -> None:
@@ -75,6 +82,11 @@ def test_greedy_tokens_and_logprobs_match_transformers_with_0_1_2_images_in_one_
     with Engine(str(tiny_vlm), random_seed=0) as llm:
         _check(_generate(llm), reference)
         assert llm.get_server_info()["kv_pages_used"] == 0
+
+
+def test_qwen2_vl_older_tower_matches_transformers_chunked_through_its_images(tiny_qwen2_vl):
+    with Engine(str(tiny_qwen2_vl), random_seed=0, chunked_prefill_size=6, max_running_requests=2) as llm:
+        _check(_generate(llm), _hf_reference(tiny_qwen2_vl))
 
 
 def test_chunked_prefill_cutting_through_image_tokens_matches_and_encodes_each_request_once(tiny_vlm, reference):

@@ -1,5 +1,5 @@
-"""Qwen2.5-VL: the Qwen2 decoder with M-RoPE, plus the vision tower whose embeddings replace the
-image tokens' rows.
+"""Qwen2.5-VL and Qwen2-VL: the Qwen2 decoder with M-RoPE, plus the vision tower whose embeddings
+replace the image tokens' rows.
 
 The engine thread asks :meth:`Qwen2_5_VLForConditionalGeneration.encode_images` once per request
 (the embeddings are kept on the request and sliced per prefill chunk); a step then carries the
@@ -32,11 +32,11 @@ def mrope_section_of(raw: dict[str, Any]) -> list[int]:
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
-    is_multimodal = True
+    legacy_tower = False  # Qwen2-VL's older vision tower
 
     def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        self.visual = QwenVisionTower(cfg.raw["vision_config"])
+        self.visual = QwenVisionTower(cfg.raw["vision_config"], legacy=self.legacy_tower)
         self.mrope_section = mrope_section_of(cfg.raw)
         if sum(self.mrope_section) * 2 != cfg.head_dim:
             raise UnsupportedModelError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 "
@@ -74,3 +74,7 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
         missing = [n for n, _ in self.visual.named_parameters() if f"visual.{n}" not in seen]
         if missing:
             raise ValueError(f"the checkpoint lacks vision weights {missing[:4]} ({len(missing)} in all)")
+
+
+class Qwen2VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    legacy_tower = True

@@ -1,4 +1,5 @@
-"""Qwen2.5-VL's vision tower: patches -> ViT blocks (window / full attention, 2-D rotary) -> merger.
+"""Qwen2.5-VL's (and Qwen2-VL's) vision tower: patches -> ViT blocks (window / full attention, 2-D
+rotary) -> merger.
 
 Reads top to bottom for one image of ``grid = (t, h, w)`` patches (``N = t*h*w`` rows of
 ``3 * temporal_patch * patch * patch`` pixels, as the image processor lays them out, each
@@ -9,6 +10,10 @@ attention window is contiguous -> blocks (RMSNorm, attention inside a window, or
 frame for the ``fullatt_block_indexes``, RMSNorm, SwiGLU MLP) -> merger (RMSNorm, each
 ``merge x merge`` block concatenated, MLP to the decoder's width) -> rows back in raster order.
 Output: ``N / merge^2`` embeddings of the decoder's hidden size, one per image token.
+
+Qwen2-VL's older tower (``legacy=True``) differs only in its parts: LayerNorm instead of RMSNorm, a
+``fc1 -> quick_gelu -> fc2`` MLP, full attention in every block, and its config names the width
+``embed_dim`` (its ``hidden_size`` is the decoder's).
 """
 
 from __future__ import annotations
@@ -28,12 +33,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-b, a], dim=-1)
 
 
-class NormWeight(nn.Module):
-    """An RMSNorm's weight (the norm is :func:`_rms`)."""
+class VisionNorm(nn.Module):
+    """RMSNorm (Qwen2.5-VL) or LayerNorm with a bias (Qwen2-VL), eps 1e-6."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, layer_norm: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False) if layer_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, 1e-6)
+        return _rms(x, self.weight)
 
 
 class VisionAttention(nn.Module):
@@ -64,42 +75,61 @@ class VisionMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, inter: int) -> None:
+class LegacyVisionMLP(nn.Module):
+    """Qwen2-VL: fc1 -> quick_gelu -> fc2."""
+
+    def __init__(self, dim: int, inter: int) -> None:
         super().__init__()
-        self.norm1, self.norm2 = NormWeight(dim), NormWeight(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, inter), nn.Linear(inter, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, inter: int, legacy: bool = False) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = VisionNorm(dim, legacy), VisionNorm(dim, legacy)
         self.attn = VisionAttention(dim, heads)
-        self.mlp = VisionMLP(dim, inter)
+        self.mlp = LegacyVisionMLP(dim, inter) if legacy else VisionMLP(dim, inter)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(_rms(x, self.norm1.weight), cos, sin, groups)
-        return x + self.mlp(_rms(x, self.norm2.weight))
+        x = x + self.attn(self.norm1(x), cos, sin, groups)
+        return x + self.mlp(self.norm2(x))
 
 
 class Merger(nn.Module):
-    def __init__(self, dim: int, out_dim: int, merge: int) -> None:
+    def __init__(self, dim: int, out_dim: int, merge: int, legacy: bool = False) -> None:
         super().__init__()
         self.wide = dim * merge * merge
-        self.ln_q = NormWeight(dim)
+        self.ln_q = VisionNorm(dim, legacy)
         self.mlp = nn.Sequential(nn.Linear(self.wide, self.wide), nn.GELU(), nn.Linear(self.wide, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(_rms(x, self.ln_q.weight).view(-1, self.wide))
+        return self.mlp(self.ln_q(x).view(-1, self.wide))
 
 
 class QwenVisionTower(nn.Module):
-    def __init__(self, vc: dict) -> None:
+    def __init__(self, vc: dict, legacy: bool = False) -> None:
+        """``legacy``: Qwen2-VL's tower (see the module docstring)."""
         super().__init__()
-        self.dim, self.heads = vc["hidden_size"], vc["num_heads"]
+        self.heads = vc["num_heads"]
+        self.dim = vc["embed_dim"] if legacy else vc["hidden_size"]
+        out = vc["hidden_size"] if legacy else vc["out_hidden_size"]
+        inter = int(self.dim * vc.get("mlp_ratio", 4)) if legacy else vc["intermediate_size"]
         self.patch, self.tpatch = vc.get("patch_size", 14), vc.get("temporal_patch_size", 2)
         self.merge = vc.get("spatial_merge_size", 2)
-        self.window = vc.get("window_size", 112) // self.merge // self.patch  # in merged units
-        self.full_blocks = set(vc.get("fullatt_block_indexes", []))
+        if legacy:  # one window holding the whole frame; every block attends over it
+            self.window, self.full_blocks = 1 << 20, set(range(vc["depth"]))
+        else:
+            self.window = vc.get("window_size", 112) // self.merge // self.patch  # in merged units
+            self.full_blocks = set(vc.get("fullatt_block_indexes", []))
         theta = (vc.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Linear(3 * self.tpatch * self.patch * self.patch, self.dim, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(self.dim, self.heads, vc["intermediate_size"]) for _ in range(vc["depth"]))
-        self.merger = Merger(self.dim, vc["out_hidden_size"], self.merge)
+        self.blocks = nn.ModuleList(VisionBlock(self.dim, self.heads, inter, legacy) for _ in range(vc["depth"]))
+        self.merger = Merger(self.dim, out, self.merge, legacy)
         half = self.dim // self.heads // 2  # rows turn one half of the head's pairs, columns the other
         # a plain float32 tensor, not a buffer: the model's dtype cast must not round it
         self.inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)

@@ -11,7 +11,8 @@ from .inputs import MultimodalInputs
 __all__ = ["MultimodalInputs", "load_image", "load_processor"]
 
 # architecture -> the input processor class of its family (imported lazily: transformers is slow to import)
-_PROCESSORS = {"Qwen2_5_VLForConditionalGeneration": ("qwen_vl", "QwenVLProcessor")}
+_PROCESSORS = {"Qwen2_5_VLForConditionalGeneration": ("qwen_vl", "QwenVLProcessor"),
+               "Qwen2VLForConditionalGeneration": ("qwen_vl", "QwenVLProcessor")}
 
 
 def load_processor(model_dir: str | Path, max_images: int = 16):
