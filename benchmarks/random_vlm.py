@@ -116,7 +116,8 @@ def build_random_vlm(preset: str, folder: str | Path, seed: int = 0) -> Path:
         v = p["vision"]
         (tmp / "preprocessor_config.json").write_text(json.dumps({  # the same image processor for both families
             "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": p["pixels"][0],
-            "max_pixels": p["pixels"][1], "patch_size": v["patch_size"], "temporal_patch_size": v["temporal_patch_size"],
+            "max_pixels": p["pixels"][1], "patch_size": v["patch_size"],
+            "temporal_patch_size": v["temporal_patch_size"],
             "merge_size": v["spatial_merge_size"], "image_mean": [0.48145466, 0.4578275, 0.40821073],
             "image_std": [0.26862954, 0.26130258, 0.27577711], "do_resize": True, "do_normalize": True,
             "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True}))

@@ -8,8 +8,9 @@
 Every request is a chat prompt with one random ``--image-size`` square image and the same short
 question (so transformers needs no padding), greedy, ``ignore_eos`` (exactly ``--output-len`` tokens).
 Reports output tok/s and the mean time to first token of each backend, nbengine's ratios, and the
-device; writes JSON to benchmarks/results/vision.json (--out). nbengine's TTFT is each request's first streamed token from
-the moment the batch is submitted; transformers' is its whole batch's ``generate`` with one new token.
+device; writes JSON to benchmarks/results/vision.json (``--out``). nbengine's TTFT is each request's
+first streamed token from the moment the batch is submitted; transformers' is its whole batch's
+``generate`` with one new token.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def run_hf(args, model: Path, imgs: list) -> dict:
             pixels.append(mm.pixel_values)
             grids += mm.grids
         x = torch.tensor(rows, device=device)  # equal lengths: same image size and question
-        return dict(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=torch.cat(pixels).to(device, dtype),
+        return dict(input_ids=x, attention_mask=torch.ones_like(x),
+                    pixel_values=torch.cat(pixels).to(device, dtype),
                     image_grid_thw=torch.tensor(grids, device=device), mm_token_type_ids=(x == proc.image_token_id).int())
 
     def generate(inputs: dict, n: int) -> float:
@@ -107,7 +109,8 @@ def run_hf(args, model: Path, imgs: list) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help="random_vlm.py preset: tiny, small, qwen2.5-vl-3b")
-    ap.add_argument("--model-dir", default=None, help="where the random model is built (default /tmp/random-vlm-PRESET)")
+    ap.add_argument("--model-dir", default=None,
+                    help="where the random model is built (default /tmp/random-vlm-PRESET)")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--output-len", type=int, default=32)
