@@ -86,7 +86,8 @@ def run_hf(args, model: Path, imgs: list) -> dict:
         x = torch.tensor(rows, device=device)  # equal lengths: same image size and question
         return dict(input_ids=x, attention_mask=torch.ones_like(x),
                     pixel_values=torch.cat(pixels).to(device, dtype),
-                    image_grid_thw=torch.tensor(grids, device=device), mm_token_type_ids=(x == proc.image_token_id).int())
+                    image_grid_thw=torch.tensor(grids, device=device),
+                    mm_token_type_ids=(x == proc.image_token_id).int())
 
     def generate(inputs: dict, n: int) -> float:
         if device.type == "cuda":
