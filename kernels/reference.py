@@ -56,6 +56,18 @@ def cis_from_cos_sin(cos_sin: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return torch.complex(cs[:, :half], cs[:, half:]).unsqueeze(1)
 
 
+def mrope_cis_from_cos_sin(cos_sin: torch.Tensor, positions3: torch.Tensor, section: list[int]) -> torch.Tensor:
+    """M-RoPE: ``positions3`` ``[3, T]`` (temporal, height, width) -> ``[T, 1, D/2]`` rotations, pair ``j``
+    turned by the row of its section (``section = [s0, s1, s2]``, ``s0 + s1 + s2 = D/2``)."""
+    rows = [cis_from_cos_sin(cos_sin, positions3[i]) for i in range(3)]  # 3 x [T, 1, D/2]
+    return mrope_select(torch.stack(rows), section)
+
+
+def mrope_select(cis3: torch.Tensor, section: list[int]) -> torch.Tensor:
+    """``[3, T, 1, D/2]`` rotations at the three position rows -> ``[T, 1, D/2]``, each pair from its section's row."""
+    return torch.cat([cis3[i, ..., sum(section[:i]):sum(section[: i + 1])] for i in range(3)], dim=-1)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slots: torch.Tensor) -> None:
     """Write ``k``, ``v`` (``[T, Hkv*D]``) into ``kv_layer`` at ``slots`` (``[T]``, all valid)."""
     flat = kv_layer.view(kv_layer.shape[0], 2, -1)

@@ -32,6 +32,10 @@ class BatchPlan:
     input_rows: list[tuple[int, int, int]] = field(default_factory=list)
     num_decodes: int = 0
     has_pending: bool = False  # some ids are placeholders for tokens still being sampled (overlap)
+    # vision models: (first row, [3, n] M-RoPE positions) of chunks holding image tokens, and
+    # (MultimodalInputs, first row, first embedding, count) of each run of image tokens
+    mrope: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    images: list[tuple[object, int, int, int]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +58,8 @@ class BatchPlan:
             row0 = len(ids)
             q_starts.append(row0)
             p, n_out = len(seq.prompt_ids), len(seq.output_ids)
-            if n == 1 and start + 1 == p + n_out + seq.num_pending and not seq.logprob.return_logprob:
+            if (n == 1 and start + 1 == p + n_out + seq.num_pending and not seq.logprob.return_logprob
+                    and seq.mm is None):
                 # the common case, a decode (or a one-token last chunk), without the general path's lists
                 if seq.num_pending and start == p + n_out:
                     ids.append(-(seq.pending_row + 1))
@@ -73,7 +78,10 @@ class BatchPlan:
                 continue
             ids.extend(seq.tokens(start, start + n))
             plan.has_pending |= seq.num_pending > 0
-            positions.extend(range(start, start + n))
+            if seq.mm is None:
+                positions.extend(range(start, start + n))
+            else:
+                plan.add_multimodal(seq.mm, row0, start, n)
             _extend_slots(slots, seq.pages, start, n, page_size)
             q_lens.append(n)
             plan.seq_lens.append(start + n)
@@ -92,6 +100,26 @@ class BatchPlan:
         plan.q_starts.append(len(plan.ids))
         plan.num_decodes = sum(1 for n in plan.q_lens if n == 1)
         return plan
+
+    def add_multimodal(self, mm, row0: int, start: int, n: int) -> None:
+        """Positions (M-RoPE) and image-token runs of ``n`` tokens from ``start`` of a request with images."""
+        flat, rows = mm.positions(start, n)
+        self.positions.extend(flat)
+        if rows is not None:
+            self.mrope.append((row0, rows))
+        self.images.extend((mm, row0 + off, emb, count) for off, emb, count in mm.pieces(start, n))
+
+    def attach_multimodal(self, fb: ForwardBatch, device: torch.device) -> ForwardBatch:
+        """Put the step's M-RoPE positions and image embeddings (already encoded) on ``fb``."""
+        if self.mrope:
+            rows = torch.tensor(self.positions, dtype=torch.long).expand(3, -1).clone()
+            for row0, r in self.mrope:
+                rows[:, row0:row0 + r.shape[1]] = r
+            fb.mrope_positions = rows.to(device, non_blocking=True)
+        if self.images:
+            fb.mm_rows = torch.cat([torch.arange(r, r + c) for _, r, _, c in self.images]).to(device)
+            fb.mm_embeds = torch.cat([mm.embeds[e:e + c] for mm, _, e, c in self.images])
+        return fb
 
     def to_tensors(self, device: torch.device, dtype: torch.dtype) -> ForwardBatch:
         """The torch path's ForwardBatch: int64 tensors, the page table padded with page 0."""

@@ -197,8 +197,11 @@ class ModelConfig:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "ModelConfig":
         folder = Path(folder)
-        cfg = json.loads((folder / "config.json").read_text())
-        archs = cfg.get("architectures") or [""]
+        raw = json.loads((folder / "config.json").read_text())
+        # vision-language models nest their decoder's config under text_config (older Qwen2-VL
+        # folders keep it at the top level): the decoder's keys win, the architecture stays the top's
+        cfg = {**raw, **raw["text_config"]} if isinstance(raw.get("text_config"), dict) else raw
+        archs = raw.get("architectures") or [""]
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         eos = cfg.get("eos_token_id")
@@ -226,7 +229,7 @@ class ModelConfig:
             rope_scaling=rope_scaling_of(cfg),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
-            raw=cfg,
+            raw=raw,
         )
 
 

@@ -17,6 +17,7 @@ from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
 from .loader.resolve import resolve_model_path
 from .models import check_architecture
+from .multimodal import load_processor
 from .request_builder import Limits, RequestSpec, build_requests
 from .request_output import RequestOutput
 from .sequence import Sequence
@@ -43,6 +44,8 @@ class Engine:
         check_architecture(self.model_dir)
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             self.config.tokenizer_path, self.model_dir)
+        # the image input processor of a vision-language model (None for text-only models)
+        self.processor = load_processor(self.model_dir)
         defaults = model_sampling_defaults(self.model_dir) if self.config.sampling_defaults == "model" else {}
         self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
         info = self._thread.call(self._thread.live_core().info)
@@ -193,12 +196,13 @@ class Engine:
                top_logprobs_num, return_hidden_states, rid) -> tuple[list[RequestSpec], bool]:
         self._thread.check()
         return build_requests(self.tokenizer, self._limits, prompt, sampling_params, input_ids, image_data,
-                              return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states, rid)
+                              return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states, rid,
+                              processor=self.processor)
 
     def _submit(self, specs: list[RequestSpec], single: bool, stream: bool, emit) -> list[str]:
         # every request of a batch call (a list, or n > 1) reports its "index", even a list of one
         seqs = [Sequence(rid=s.rid, prompt_ids=s.prompt_ids, params=s.params, emit=emit(i),
-                         index=None if single else i, stream=stream, logprob=s.logprob)
+                         index=None if single else i, stream=stream, logprob=s.logprob, mm=s.mm)
                 for i, s in enumerate(specs)]
         self._thread.post(self._thread.live_core().add, seqs)
         return [s.rid for s in specs]

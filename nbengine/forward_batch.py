@@ -39,6 +39,11 @@ class ForwardBatch:
     q_starts_host: list[int] = field(default_factory=list)
     page_table_width: torch.Tensor | None = None  # [1] int32 on the device (Triton path)
     attn: Any = None  # the attention backend's own prepared metadata
+    # vision models, steps that compute image tokens: M-RoPE positions [3, T] (None when the three rows
+    # would equal ``positions``) and the image embeddings [K, hidden] that replace rows ``mm_rows`` [K]
+    mrope_positions: torch.Tensor | None = None
+    mm_rows: torch.Tensor | None = None
+    mm_embeds: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -231,6 +231,7 @@ class ModelRunner:
         step's sampled ids, still on the device, for the placeholders ``-(row + 1)`` among this step's ids."""
         t0 = time.perf_counter()
         items = sorted(items, key=lambda it: it.num_tokens != 1)  # decodes first (stable)
+        self._encode_images(items)
         plan = BatchPlan.build(items, self.config.page_size)
         fill = None
         if plan.has_pending:
@@ -241,13 +242,24 @@ class ModelRunner:
             logits = self.graphs.replay(plan, fill)
             self.times.graph_steps += 1
         else:
-            fb = self.prepare(plan)
+            fb = plan.attach_multimodal(self.prepare(plan), self.device)
             if fill is not None:
                 fill(fb.input_ids)
             logits = self.launch(fb, self.pool.kv)
+            for it in items:  # a prompt's image embeddings are not needed once its image tokens are in the cache
+                if it.seq.mm is not None and it.start + it.num_tokens >= it.seq.mm.end:
+                    it.seq.release_images()
         self.times.steps += 1
         self.times.host_s += time.perf_counter() - t0
         return StepLogits(logits, plan.sample_rows, plan.input_rows), items
+
+    def _encode_images(self, items: list[ScheduledSeq]) -> None:
+        """Run the vision tower once per request, on the first step that computes one of its image tokens."""
+        for it in items:
+            mm = it.seq.mm
+            if mm is not None and mm.embeds is None and mm.overlaps(it.start, it.num_tokens):
+                pixels = mm.pixel_values.to(self.device, non_blocking=True)
+                mm.embeds = self.model.encode_images(pixels, mm.grids).to(self.dtype)
 
     def prepare(self, plan: BatchPlan) -> ForwardBatch:
         """The step's metadata on the device, and the attention backend's plan for it."""

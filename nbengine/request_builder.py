@@ -25,6 +25,7 @@ class RequestSpec:
     prompt_ids: list[int]
     params: SamplingParams
     logprob: LogprobRequest
+    mm: Any = None  # MultimodalInputs of a request with images
 
 
 @dataclass
@@ -64,10 +65,14 @@ def build_requests(
     top_logprobs_num: int | list[int] | None,
     return_hidden_states: bool | list[bool],
     rid: str | list[str] | None,
+    processor: Any = None,
 ) -> tuple[list[RequestSpec], bool]:
-    """Returns the specs (prompt-major, ``i * n + j``) and whether the call was a single prompt."""
-    if image_data is not None:
-        raise ValueError("image_data was given, but this model has no vision encoder; pass text or input_ids only.")
+    """Returns the specs (prompt-major, ``i * n + j``) and whether the call was a single prompt.
+
+    ``processor``: the model's multimodal input processor (None for a text-only model)."""
+    if image_data is not None and processor is None:
+        raise ValueError("image_data was given, but this model has no vision encoder; pass text or input_ids only "
+                         "(or load a vision-language model such as Qwen2.5-VL).")
     if _any(return_hidden_states, "return_hidden_states"):
         if not limits.enable_return_hidden_states:
             raise ValueError("The engine is not configured to return the hidden states. "
@@ -99,6 +104,12 @@ def build_requests(
                              f"token ids must be in [0, {limits.vocab_size - 1}].")
 
     num = len(ids_list)
+    mms: list[Any] = [None] * num
+    if processor is not None:
+        images = _images_per_prompt(image_data, num, single)
+        for i in range(num):
+            where = "the prompt" if single else f"prompt {i}"
+            ids_list[i], mms[i] = processor.process(ids_list[i], images[i], where)
     params = _per_prompt(sampling_params, num, "sampling_params")
     sps = [SamplingParams.from_dict(_with_defaults(p, limits.sampling_defaults)) for p in params]
     for sp in sps:
@@ -120,6 +131,9 @@ def build_requests(
     specs: list[RequestSpec] = []
     for i, (ids, sp) in enumerate(zip(ids_list, sps)):
         ids, sp = _fit_context(ids, sp, limits, i if num > 1 else None)
+        if mms[i] is not None and len(ids) < mms[i].end:
+            raise ValueError(f"The input{'' if num == 1 else f' (prompt {i})'} was truncated into its image tokens; "
+                             "use smaller or fewer images, or a shorter prompt.")
         start = starts[i]
         if start is None or start < 0:
             start = len(ids) - 1
@@ -133,8 +147,26 @@ def build_requests(
             spj = sp
             if n > 1:
                 spj = dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j)
-            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp))
+            mm = dataclasses.replace(mms[i]) if mms[i] is not None else None  # own embeddings cache
+            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, mm))
     return specs, single
+
+
+def _images_per_prompt(image_data: Any, num: int, single: bool) -> list[list[Any]]:
+    """``image_data`` as SGLang takes it -> a list of images per prompt. One prompt: an image or a list
+    of images. Several prompts: a list with one entry per prompt (None, an image, or a list of images)."""
+    def as_list(item: Any) -> list[Any]:
+        return [] if item is None else list(item) if isinstance(item, (list, tuple)) else [item]
+
+    if single:
+        return [as_list(image_data)]
+    if image_data is None:
+        return [[] for _ in range(num)]
+    if not isinstance(image_data, (list, tuple)) or len(image_data) != num:
+        got = f"{len(image_data)} entries" if isinstance(image_data, (list, tuple)) else type(image_data).__name__
+        raise ValueError(f"With {num} prompts, image_data must be a list of {num} entries (None, an image or a list "
+                         f"of images per prompt); got {got}.")
+    return [as_list(item) for item in image_data]
 
 
 def _fit_context(ids: list[int], sp: SamplingParams, limits: Limits, idx: int | None) -> tuple[list[int], SamplingParams]:

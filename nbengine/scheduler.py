@@ -60,6 +60,7 @@ class Scheduler:
             except ValueError:
                 pass
         self.pool.free(seq.pages)
+        seq.release_images()
         seq.status = SeqStatus.FINISHED
 
     def has_work(self) -> bool:
@@ -166,6 +167,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.pool.free(seq.pages)
+        seq.release_images()
         seq.num_computed = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING

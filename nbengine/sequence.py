@@ -63,6 +63,12 @@ class Sequence:
     # one in its step's sampled ids; a step scheduled meanwhile feeds it as the placeholder ``-(row + 1)``
     num_pending: int = 0
     pending_row: int = -1
+    mm: Any = None  # MultimodalInputs of a request with images (its image embeddings are cached on it)
+
+    def release_images(self) -> None:
+        """Drop the cached image embeddings (preemption, abort, end); they are recomputed if needed again."""
+        if self.mm is not None:
+            self.mm.embeds = None
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids ``start:end`` of prompt + output, without copying the whole sequence."""

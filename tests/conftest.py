@@ -124,3 +124,24 @@ def llama3_tok_model(tmp_path_factory) -> Path:
     """A tiny random Llama whose tokenizer is the Llama-3-style one built above (adds BOS by itself)."""
     root = tmp_path_factory.mktemp("llama3-tokenizer")
     return _tiny("llama3tok", root / "model", build_llama3_style_tokenizer(root / "tokenizer"))
+
+
+def _random_vlm(preset: str, folder: Path) -> Path:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from random_vlm import build_random_vlm
+
+    return build_random_vlm(preset, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL (word-level tokenizer with Qwen's vision tokens, a PIL image processor)."""
+    return _random_vlm("tiny", tmp_path_factory.mktemp("tiny-vlm") / "qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL (the older vision tower), same tokenizer and image processor."""
+    return _random_vlm("tiny-qwen2-vl", tmp_path_factory.mktemp("tiny-qwen2-vl") / "qwen2-vl")

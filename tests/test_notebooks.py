@@ -106,3 +106,19 @@ def test_batch_notebook_shows_progress_and_one_pane_per_sample(tmp_path, monkeyp
     assert "(4, [" in _text(_cell(cells, "len(answers)"))
     samples = [o for o in _cell(cells, "%%generate -m llm -n 3").get("outputs", []) if "nbengine" in o.get("metadata", {})]
     assert [o["metadata"]["nbengine"]["seed"] for o in samples] == [7, 7, 7] and len(samples) == 3
+
+
+def test_vision_notebook_runs_on_a_tiny_vision_model(tmp_path, monkeypatch, tiny_vlm):
+    monkeypatch.setenv("NBENGINE_VISION_MODEL", str(tiny_vlm))
+    cells = _execute("vision", tmp_path, monkeypatch)
+    first = _text(_cell(cells, "def ask("))
+    assert "prompt tokens (image included):" in first
+    batch = _text(_cell(cells, "small = img.resize")).splitlines()
+    counts = [int(line.split()[0]) for line in batch if "prompt tokens ->" in line]
+    assert len(counts) == 3 and counts[0] > counts[1] > counts[2]  # two images > one image > none
+    for start in ("%%generate -m llm --image img", "%%chat -m llm --session shapes --image"):
+        outs = _cell(cells, start)["outputs"]
+        assert 'class="nbengine-images"' in outs[0]["data"]["text/html"]  # the thumbnails come first
+        assert _final(_cell(cells, start))["metadata"]["nbengine"]["completion_tokens"] > 0
+    assert _final(_cell(cells, "%%chat -m llm --session shapes --max"))["metadata"]["nbengine"]["completion_tokens"] > 0
+    assert "'" in _text(_cell(cells, "import base64, httpx"))  # the server's answer, a string

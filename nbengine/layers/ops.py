@@ -85,7 +85,8 @@ def build_ops(backend: str, num_heads: int, num_kv_heads: int, head_dim: int) ->
     from ..kernels import rope_store as rs
 
     def triton_rope_store(qkv, rope: StepRope, kv_layer, slots, h, hk, d, q_norm, k_norm, eps) -> None:
-        rs.rope_store(qkv, rope.positions, rope.cos_sin, kv_layer, slots, h, hk, d, q_norm, k_norm, eps)
+        rs.rope_store(qkv, rope.positions, rope.cos_sin, kv_layer, slots, h, hk, d, q_norm, k_norm, eps,
+                      mrope_positions=rope.mrope, mrope_section=rope.mrope_section)
 
     if backend == "flash_attn":
         from .flash_attention import FlashAttention

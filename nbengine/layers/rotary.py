@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "mrope")  # mrope: default frequencies, 3-D positions
 
 
 def interleave_rows(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -44,7 +44,7 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None)
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     check_rope_scaling(scaling)
     kind = rope_type(scaling)
-    if kind == "default":
+    if kind in ("default", "mrope"):  # M-RoPE changes which position each pair turns by, not the frequencies
         return inv
     if kind == "linear":
         return inv / scaling["factor"]
@@ -79,23 +79,37 @@ class Rotary:
             self._cos_sin = torch.cat([self.cis.real, self.cis.imag], dim=-1).contiguous()
         return self._cos_sin
 
-    def for_step(self, positions: torch.Tensor) -> "StepRope":
-        return StepRope(positions, self)
+    def for_step(self, positions: torch.Tensor, mrope_positions: torch.Tensor | None = None,
+                 mrope_section: list[int] | None = None) -> "StepRope":
+        """``mrope_positions`` ``[3, T]`` (M-RoPE models, steps with image tokens) replace ``positions``."""
+        return StepRope(positions, self, mrope_positions, mrope_section)
 
 
 @dataclass
 class StepRope:
-    """One step's rotary inputs: positions, and (for the torch path) their rotations, looked up once."""
+    """One step's rotary inputs: positions, and (for the torch path) their rotations, looked up once.
+
+    M-RoPE (Qwen2-VL): ``mrope`` ``[3, T]`` temporal / height / width positions; pair ``j`` turns by the
+    row of its section in ``mrope_section``. Steps without image tokens leave it None (the three rows
+    would be equal, and ``positions`` already holds them)."""
 
     positions: torch.Tensor
     table: Rotary
+    mrope: torch.Tensor | None = None
+    mrope_section: list[int] | None = None
     _cis: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def cis(self) -> torch.Tensor:
         """``[T, 1, head_dim/2]`` complex64 rotations of this step's positions."""
         if self._cis is None:
-            self._cis = self.table.cis.index_select(0, self.positions).unsqueeze(1)
+            if self.mrope is not None:
+                from ..kernels.reference import mrope_select
+
+                rows = self.table.cis.index_select(0, self.mrope.reshape(-1).long())
+                self._cis = mrope_select(rows.view(3, -1, 1, rows.shape[-1]), self.mrope_section)
+            else:
+                self._cis = self.table.cis.index_select(0, self.positions).unsqueeze(1)
         return self._cis
 
     @property

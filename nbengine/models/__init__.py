@@ -13,11 +13,14 @@ from ..errors import UnsupportedModelError
 from ..layers.rotary import check_rope_scaling
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2ForCausalLM
+from .qwen2_vl import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 from .qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 

@@ -102,12 +102,20 @@ class LlamaForCausalLM(nn.Module):
                 kv: list[torch.Tensor]) -> torch.Tensor:
         """Returns the final-norm hidden states ``[T, hidden]``."""
         ops = self.ops
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids, fb)
         residual = None
-        rope = self.rotary.for_step(positions)
+        rope = self.step_rope(positions, fb)
         for layer, kv_layer in zip(self.layers, kv):
             x, residual = layer(x, residual, rope, kv_layer, fb, ops)
         return self.norm(x, residual, ops)[0]
+
+    def embed(self, input_ids: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+        """The step's input embeddings ``[T, hidden]`` (vision models put image embeddings in)."""
+        return self.embed_tokens(input_ids)
+
+    def step_rope(self, positions: torch.Tensor, fb: ForwardBatch) -> StepRope:
+        """The step's rotary inputs (M-RoPE models use the batch's 3-D positions)."""
+        return self.rotary.for_step(positions)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits of ``hidden``'s rows (written into ``out`` when given)."""

@@ -54,7 +54,7 @@ class LiveRun:
     """One streamed ``generate`` call shown live. ``run()`` blocks and returns the output dicts."""
 
     def __init__(self, llm: Any, view: Any, *, prompts: list[str] | None, input_ids: list[list[int]] | None,
-                 params: dict, labels: list[str], trace: bool = False) -> None:
+                 params: dict, labels: list[str], trace: bool = False, image_data: Any = None) -> None:
         self.llm = llm
         self.view = view
         self.params = params
@@ -67,7 +67,8 @@ class LiveRun:
         # validation happens here, on the caller's thread: a bad parameter raises before anything shows
         self._gen = llm.generate(prompts[0] if self.single and prompts else prompts, params,
                                  input_ids=(input_ids[0] if self.single else input_ids) if input_ids else None,
-                                 stream=True, rid=self.rids[0] if self.single else self.rids)
+                                 stream=True, rid=self.rids[0] if self.single else self.rids,
+                                 **({"image_data": image_data[0] if self.single else image_data} if image_data else {}))
         self._q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._reader_done = False

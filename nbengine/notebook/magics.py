@@ -15,6 +15,7 @@ from . import render
 from .api import execute, model_label, prepare_run, with_seed
 from .chat import ChatSession
 from .engines import EngineRegistry, parse_engine_args
+from .images import image_parts, placeholder, resolve_images, thumbnails
 from .prompting import build_inputs, clean_prompt, interpolate, prompt_list
 
 _SAMPLING_ARGS = [
@@ -32,6 +33,9 @@ _SAMPLING_ARGS = [
              help="how the finished output is shown; code puts it in a new cell below"),
     argument("-o", "--out", default=None, metavar="VAR", help="store the output dict (a list for n > 1) in VAR"),
     argument("--no-stream", action="store_true", help="show the output only when done"),
+    argument("--image", action="append", default=None, metavar="PATH_OR_VAR",
+             help="an image for a vision-language model: a file path or a variable holding a PIL image, bytes, a "
+                  "path or a list of them (repeatable; shown as thumbnails above the answer)"),
     argument("--no-interpolate", action="store_true",
              help="send {name} / {In[n]} / {Out[n]} as written instead of filling them in"),
 ]
@@ -48,7 +52,7 @@ def _unquote(value: Any) -> Any:
 
 def _parse(func: Any, line: str) -> Any:
     args = parse_argstring(func, line)
-    for key in ("model", "stop", "system", "out", "session"):
+    for key in ("model", "stop", "system", "out", "session", "image"):
         if hasattr(args, key):
             setattr(args, key, _unquote(getattr(args, key)))
     if args.out is not None and not args.out.isidentifier():
@@ -108,6 +112,21 @@ class NBEngineMagics(Magics):
         except (ValueError, TypeError) as e:  # bad options or prompt: a one-line error, nothing enqueued
             raise UsageError(str(e)) from None
 
+    def _images(self, args: Any, llm: Any) -> list[Any]:
+        """The cell's ``--image`` values resolved, shown as thumbnails (nothing shown for none)."""
+        if not args.image:
+            return []
+        from IPython.display import display
+
+        try:
+            placeholder(llm)  # a text-only model: say so before showing anything
+            images = resolve_images(args.image, self.shell.user_ns)
+            shown = thumbnails(images)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        display(shown)
+        return images
+
     def _store(self, var: str | None, value: Any) -> None:
         if var:
             self.shell.user_ns[var] = value
@@ -130,10 +149,12 @@ class NBEngineMagics(Magics):
         if args.format == "code" and (len(prompts) > 1 or args.n > 1):
             raise UsageError("--format code inserts one cell: use it with one prompt and -n 1.")
         name, llm = self._engine(args.model)
+        images = self._images(args, llm)
         if args.no_stream:
-            outs, single = self._generate_quietly(llm, prompts, params, args)
+            outs, single = self._generate_quietly(llm, prompts, params, args, images)
         else:
-            run = self._prepared(llm, prompts, params, chat=args.chat, system=args.system, fmt=args.format)
+            run = self._prepared(llm, prompts, params, chat=args.chat, system=args.system, fmt=args.format,
+                                 images=images)
             try:
                 execute(run)
             except KeyboardInterrupt:  # the partial text is shown (marked stopped) and kept in -o
@@ -146,16 +167,18 @@ class NBEngineMagics(Magics):
         if args.format == "code" and not render.was_stopped(outs[0]):
             self.shell.set_next_input(render.strip_fences(outs[0]["text"]), replace=False)
 
-    def _generate_quietly(self, llm: Any, prompts: list[str], params: dict, args: Any) -> tuple[list[dict], bool]:
+    def _generate_quietly(self, llm: Any, prompts: list[str], params: dict, args: Any,
+                          images: list[Any]) -> tuple[list[dict], bool]:
         from IPython.display import display
 
         params = with_seed(params)
         single = len(prompts) == 1 and params.get("n", 1) == 1
         t0 = time.perf_counter()
         try:
-            texts, ids, used_chat = build_inputs(llm, prompts, args.chat, args.system)
+            texts, ids, used_chat = build_inputs(llm, prompts, args.chat, args.system, len(images))
+            image_data = (images if single else [images] * len(prompts)) if images else None
             res = llm.generate(texts[0] if single and texts else texts, params,
-                               input_ids=(ids[0] if single else ids) if ids else None)
+                               input_ids=(ids[0] if single else ids) if ids else None, image_data=image_data)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
         outs = [res] if single else res
@@ -184,18 +207,24 @@ class NBEngineMagics(Magics):
         tok = getattr(llm, "tokenizer", None)
         if tok is None or not tok.chat_template:
             raise UsageError("This model has no chat template; use %%generate --raw instead of %%chat.")
-        ids = tok.apply_chat_template(session.messages(message), tokenize=True)
+        images = self._images(args, llm)
+        content = image_parts(message, len(images)) if images else message
+        messages = session.messages(message)
+        messages[-1] = {"role": "user", "content": content}
+        ids = tok.apply_chat_template(messages, tokenize=True)
         params = self._params(args)
+        # earlier turns' images go again with the whole conversation
         run = self._prepared(llm, [message], params, fmt=args.format, messages_ids=ids,
+                             images=session.images + images,
                              extra_meta={"session": args.session, "turn": len(session.turns) // 2 + 1})
         try:
             execute(run)
         except KeyboardInterrupt:
-            session.add(message, run.outputs()[0]["text"])  # what was shown stays in the conversation
+            session.add(content, run.outputs()[0]["text"], images)  # what was shown stays in the conversation
             self._store(args.out, run.outputs()[0])
             raise
         out = run.outputs()[0]
-        session.add(message, out["text"])
+        session.add(content, out["text"], images)
         self._store(args.out, out)
 
     def _chat_command(self, line: str) -> None:

@@ -60,19 +60,25 @@ def has_chat_template(llm: Any) -> bool:
     return tok is not None and bool(getattr(tok, "chat_template", None))
 
 
-def build_inputs(llm: Any, prompts: list[str], chat: bool | None, system: str | None
+def build_inputs(llm: Any, prompts: list[str], chat: bool | None, system: str | None, num_images: int = 0
                  ) -> tuple[list[str] | None, list[list[int]] | None, bool]:
     """``(prompts, input_ids, used_chat)``: the chat template where wanted and available, else raw text.
 
     ``chat=None`` means "where the model has one"; ``chat=True`` on a model without one raises.
+    ``num_images``: each prompt gets that many image placeholders (image content parts with the
+    chat template; the model's placeholder text in front of a raw prompt that has none).
     """
+    from .images import image_parts, placeholder
+
+    mark = placeholder(llm) if num_images else ""  # raises for a text-only model
     templ = has_chat_template(llm)
     if chat and not templ:
         raise ValueError("This model has no chat template; use --raw (or chat=False) to send the prompt as is.")
     if system is not None and not (chat or (chat is None and templ)):
         raise ValueError("--system needs the chat template; drop --raw or drop --system.")
     if chat is False or not templ:
-        return prompts, None, False
+        return [p if not mark or mark in p else mark * num_images + p for p in prompts], None, False
     head = [{"role": "system", "content": system}] if system else []
-    ids = [chat_input_ids(llm.tokenizer, head + [{"role": "user", "content": p}]) for p in prompts]
+    ids = [chat_input_ids(llm.tokenizer, head + [{"role": "user", "content": image_parts(p, num_images)
+                                                   if num_images else p}]) for p in prompts]
     return None, ids, True

@@ -138,7 +138,8 @@ def serve(llm: Any, port: int = 30000, host: str = "127.0.0.1", api_key: str | N
 
     ``port=0`` picks a free port (see ``handle.url``). Other ``options`` are :class:`ServerSettings`
     fields: ``served_model_name``, ``cors_origins``, ``max_request_bytes``, ``log_prompts``,
-    ``access_log`` (default off here), ``graceful_shutdown_s``. The engine is not stopped by ``stop()``.
+    ``access_log`` (default off here), ``graceful_shutdown_s``, ``allow_image_urls``. The engine is not
+    stopped by ``stop()``.
     """
     from .app import create_app
 

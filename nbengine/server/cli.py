@@ -38,6 +38,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                    help="allow browser requests from this origin (repeatable; '*' for any). Off by default")
     s.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="request body cap")
     s.add_argument("--log-prompts", action="store_true", help="log prompt text (off by default)")
+    s.add_argument("--allow-image-urls", action="store_true",
+                   help="fetch http(s) image URLs in chat image parts (outbound requests; off: data URIs only)")
     s.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request access log")
     add_engine_args(s)
     return s
@@ -81,7 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key,
                                   served_model_name=args.served_model_name, cors_origins=args.cors_origins,
                                   max_request_bytes=args.max_request_bytes, log_prompts=args.log_prompts,
-                                  access_log=args.access_log)
+                                  access_log=args.access_log, allow_image_urls=args.allow_image_urls)
         warn_if_exposed(settings)
         sock = bind_socket(settings.host, settings.port)  # before loading the model: a busy port fails fast
     except (NBEngineError, ValueError) as e:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .engine_io import ServerContext, run_request, totals
+from .images import fetch_urls, remote_images
 from .openai_common import as_list
 from .protocol import GenerateRequest
 
@@ -86,7 +87,8 @@ async def generate(req: GenerateRequest, request: Request) -> Response:
     kwargs = dict(prompt=req.text, input_ids=req.input_ids, sampling_params=req.sampling_params,
                   return_logprob=req.return_logprob, logprob_start_len=req.logprob_start_len,
                   top_logprobs_num=req.top_logprobs_num, return_hidden_states=req.return_hidden_states,
-                  image_data=req.image_data, rid=req.rid)
+                  image_data=await fetch_urls(remote_images(req.image_data, ctx.settings.allow_image_urls)),
+                  rid=req.rid)
     fill = ctx.llm.tokenizer is not None and req.return_text_in_logprobs
     n = _samples_per_prompt(req.sampling_params)
     if req.stream:

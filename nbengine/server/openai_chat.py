@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import aclosing
@@ -15,25 +16,36 @@ from .errors import APIError
 from .metrics import RequestTrack
 from .openai_common import (BASE_NAMES, StreamUsage, as_list, check_stream_options, choice_deltas, chunk_maker,
                             final_usage, finish_reason, new_id, require_tokenizer, sampling_params, visible_logprobs)
+from .images import fetch, part_image
 from .protocol import ChatCompletionRequest, ChatMessage
 
 logger = logging.getLogger("nbengine.server")
 router = APIRouter()
 
 
-def render_messages(ctx: ServerContext, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of the conversation through the model's chat template, ready for the assistant's turn."""
+def render_messages(ctx: ServerContext, messages: list[ChatMessage]) -> tuple[list[int], list[tuple[str, str]]]:
+    """Token ids of the conversation through the model's chat template, ready for the assistant's turn, and
+    the images of its image parts in order, as (data URI or http URL, where)."""
     turns: list[dict[str, Any]] = []
+    images: list[tuple[str, str]] = []
+    vision = getattr(ctx.llm, "processor", None) is not None
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
-            texts = []
+            texts, parts = [], []
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise APIError(f"Content parts of type '{part.type}' are not supported: this model reads text "
-                                   "only.", param=f"messages[{i}].content[{j}].type", code="invalid_value")
-                texts.append(part.text)
-            content = "\n".join(texts)
+                where = f"messages[{i}].content[{j}]"
+                if part.type in ("image_url", "image") and vision:
+                    images.append((part_image(part, where, ctx.settings.allow_image_urls), where))
+                    parts.append({"type": "image"})
+                elif part.type != "text" or part.text is None:
+                    only = "text and images" if vision else "text only"
+                    raise APIError(f"Content parts of type '{part.type}' are not supported: this model reads {only}.",
+                                   param=f"{where}.type", code="invalid_value")
+                else:
+                    texts.append(part.text)
+                    parts.append({"type": "text", "text": part.text})
+            content = parts if any(p["type"] == "image" for p in parts) else "\n".join(texts)
         if (m.model_extra or {}).get("tool_calls"):
             raise APIError("Tool calls are not supported by this server.", param=f"messages[{i}].tool_calls",
                            code="unsupported_parameter")
@@ -42,7 +54,7 @@ def render_messages(ctx: ServerContext, messages: list[ChatMessage]) -> list[int
             turn["name"] = m.name
         turns.append(turn)
     try:
-        return ctx.llm.tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+        return ctx.llm.tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=True), images
     except Exception as e:  # noqa: BLE001 - a template's own checks (e.g. role order) are the client's to fix
         raise APIError(f"The model's chat template rejected 'messages': {e}", param="messages",
                        code="invalid_value") from None
@@ -78,14 +90,18 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     max_tokens_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     names = {**BASE_NAMES, "max_new_tokens": max_tokens_name, "top_logprobs_num": "top_logprobs"}
-    ids = render_messages(ctx, req.messages)
+    ids, image_parts = render_messages(ctx, req.messages)
+    images = [await asyncio.to_thread(fetch, src, where) if src.startswith(("http://", "https://")) else src
+              for src, where in image_parts]
+    names["image_data"] = "messages"
     rid = new_id("chatcmpl")
     logger.debug("%s: %d prompt tokens, n=%d, %s=%s, stream=%s", rid, len(ids), req.n, max_tokens_name, max_tokens,
                  req.stream)
     if ctx.settings.log_prompts:
         logger.info("%s prompt: %r", rid, [m.model_dump(exclude_none=True) for m in req.messages])
     kwargs = dict(input_ids=ids, sampling_params=sampling_params(req, max_tokens), return_logprob=req.logprobs,
-                  top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else None)
+                  top_logprobs_num=(req.top_logprobs or 0) if req.logprobs else None,
+                  image_data=images or None)
     if req.stream:
         events = lambda stream, track: _chunks(ctx, req, rid, stream, track, include_usage)  # noqa: E731
         return (await run_request(ctx, request, names, "messages", kwargs, events))[0]

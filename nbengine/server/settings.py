@@ -19,6 +19,7 @@ class ServerSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     log_prompts: bool = False  # log prompt text (at INFO) — off unless asked
     access_log: bool = True
+    allow_image_urls: bool = False  # fetch http(s) image URLs of chat image parts (outbound requests): off unless asked
     graceful_shutdown_s: float = 5.0  # open streams get this long to finish on stop, then are aborted
 
     def __post_init__(self) -> None:
