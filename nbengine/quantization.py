@@ -55,10 +55,11 @@ class KernelWarmUp:
 
     def _run(self) -> None:
         try:
-            from .layers import cpu_attention, quant_kernels
+            from .layers import cpu_attention, cpu_elementwise, quant_kernels
 
             quant_kernels.warm_up()
             cpu_attention.warm_up()
+            cpu_elementwise.warm_up()
         except BaseException as e:  # noqa: BLE001 - re-raised by wait() on the engine thread
             self.error = e
 
