@@ -25,7 +25,7 @@ from .layers.ops import Ops, build_ops, choose_backend
 from .loader.hf import iter_weights
 from .memory import check_explicit_pool, kv_pool_tokens, read_cuda_memory, read_host_memory
 from .models import get_model_class
-from .quantization import KernelWarmUp, ModelQuantizer, resolve_quantization
+from .quantization import ModelQuantizer, kernel_warm_up, resolve_quantization
 from .scheduler import ScheduledSeq
 
 logger = logging.getLogger("nbengine")
@@ -83,7 +83,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
         # numba's start-up (~1-2 s of CPU) runs on a thread while the weights load
-        warm_up = KernelWarmUp() if self.quantization else None
+        warm_up = kernel_warm_up() if self.quantization else None  # Engine() may have started it already
         quantizer = ModelQuantizer(self.quantization, model_dir, mc.tie_word_embeddings) if self.quantization else None
         with torch.device(self.device):
             self.model = get_model_class(mc.architecture)(mc, self.device).to(self.dtype)
