@@ -221,12 +221,33 @@ def test_cpu_elementwise_kernels_match_the_torch_references():
     torch.testing.assert_close(got_kv, want_kv, rtol=1e-5, atol=1e-5)
 
 
+def _batched_decode_logits(runner: ModelRunner, prompts: list[list[int]], decodes: int) -> torch.Tensor:
+    """Every prompt prefilled, then ``decodes`` steps decoding all of them together (teacher forced)."""
+    seqs = [Sequence(rid=f"b{i}", prompt_ids=ids, params=SamplingParams(temperature=0, max_new_tokens=1),
+                     emit=lambda _: None) for i, ids in enumerate(prompts)]
+    for seq in seqs:
+        assert runner.pool.grow(seq.pages, len(seq.prompt_ids))
+        runner.run([ScheduledSeq(seq, 0, len(seq.prompt_ids) - decodes)])
+        seq.num_computed = len(seq.prompt_ids) - decodes
+    rows = []
+    for _ in range(decodes):
+        out, order = runner.run([ScheduledSeq(seq, seq.num_computed, 1) for seq in seqs])
+        assert [it.seq for it in order] == seqs
+        rows.append(out.logits)
+        for seq in seqs:
+            seq.num_computed += 1
+    for seq in seqs:
+        runner.pool.free(seq.pages)
+    return torch.cat(rows)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_fast_decode_step_computes_what_the_modules_compute(tiny_models, name):
     runner = ModelRunner(EngineConfig(quantization="q4_1"), tiny_models[name])
     assert runner.model.decode_step is not None
-    ids = torch.randint(100, 49000, (20,), generator=torch.Generator().manual_seed(3)).tolist()
-    fast = _next_token_logits(runner, ids, 6)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(100, 49000, (n,), generator=gen).tolist() for n in (20, 7, 45)]
+    fast = _batched_decode_logits(runner, prompts, 5)
     runner.model.decode_step = None
-    modules = _next_token_logits(runner, ids, 6)
+    modules = _batched_decode_logits(runner, prompts, 5)
     torch.testing.assert_close(fast, modules, rtol=1e-4, atol=1e-4)
