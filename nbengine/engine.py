@@ -42,6 +42,7 @@ class Engine:
         t0 = time.perf_counter()
         self.model_dir = resolve_model_path(model_path)
         check_architecture(self.model_dir)
+        _start_kernel_warm_up(self.config, self.model_dir)  # numba loads while the tokenizer and weights do
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             self.config.tokenizer_path, self.model_dir)
         # the image input processor of a vision-language model (None for text-only models)
@@ -271,6 +272,19 @@ def _queue_emit(q: queue.Queue) -> _Sink:
 def _async_emit(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> _Sink:
     """Outputs of a call to a waiting event loop: one ``call_soon_threadsafe`` per delivery."""
     return _Sink(lambda items: loop.call_soon_threadsafe(q.put_nowait, items))
+
+
+def _start_kernel_warm_up(config: EngineConfig, model_dir: Path) -> None:
+    """Start loading the quantized CPU kernels now when this engine will run them (the runner waits for them)."""
+    from .model_runner import resolve_device, resolve_dtype
+    from .quantization import kernel_warm_up, resolve_quantization
+
+    try:
+        device = resolve_device(config.device)
+        if resolve_quantization(config.quantization, device, resolve_dtype(config.dtype, device), model_dir):
+            kernel_warm_up()
+    except ValueError:
+        pass  # the runner raises it, after the checks that come first
 
 
 def _load_tokenizer(tokenizer_path: Any, model_dir: Any) -> Tokenizer:

@@ -25,7 +25,7 @@ from .layers.ops import Ops, build_ops, choose_backend
 from .loader.hf import iter_weights
 from .memory import check_explicit_pool, kv_pool_tokens, read_cuda_memory, read_host_memory
 from .models import get_model_class
-from .quantization import KernelWarmUp, ModelQuantizer, resolve_quantization
+from .quantization import ModelQuantizer, kernel_warm_up, resolve_quantization
 from .scheduler import ScheduledSeq
 
 logger = logging.getLogger("nbengine")
@@ -83,7 +83,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
         # numba's start-up (~1-2 s of CPU) runs on a thread while the weights load
-        warm_up = KernelWarmUp() if self.quantization else None
+        warm_up = kernel_warm_up() if self.quantization else None  # Engine() may have started it already
         quantizer = ModelQuantizer(self.quantization, model_dir, mc.tie_word_embeddings) if self.quantization else None
         with torch.device(self.device):
             self.model = get_model_class(mc.architecture)(mc, self.device).to(self.dtype)
@@ -134,9 +134,11 @@ class ModelRunner:
         return max(budget, self.max_running)
 
     def _quantize(self, quantizer: ModelQuantizer, ops: Ops) -> Ops:
-        """Swap the linear layers for block-quantized ones; decodes attend from the pool with numba."""
+        """Swap the linear layers for block-quantized ones; decodes attend from the pool and element-wise work
+        runs in numba kernels."""
         import numba
 
+        from .layers import cpu_elementwise as ew
         from .layers.cpu_attention import CpuPagedAttention
 
         threads = self.config.num_threads or omp_team.wide_threads
@@ -144,9 +146,14 @@ class ModelRunner:
         omp_team.keep_narrow()  # numba's pool does the parallel work; torch's would fight it for the cores
         counts = quantizer.apply(self.model)
         logger.info("quantized linear layers: %s", counts)
+        if hasattr(self.model, "decode_step"):
+            from .models.cpu_decode import CpuDecodeStep
+
+            self.model.decode_step = CpuDecodeStep.for_model(self.model)
         mc = self.model_config
         return dataclasses.replace(ops, name="cpu", attention=CpuPagedAttention(mc.num_heads, mc.num_kv_heads,
-                                                                                mc.head_dim))
+                                                                                mc.head_dim),
+                                   add_rms_norm=ew.add_rms_norm, silu_and_mul=ew.silu_and_mul, rope_store=ew.rope_store)
 
     def _make_pool(self) -> KVPool:
         """The KV pool, sized by the rule in :mod:`nbengine.memory` (after the warm-up, before graph capture)."""

@@ -46,7 +46,8 @@ def kernels_available() -> tuple[bool, str]:
 
 class KernelWarmUp:
     """Imports numba and loads (or compiles) the quantized kernels on a background thread, so that
-    work overlaps the weight loading; :meth:`wait` joins it (numba's start-up is ~1-2 s of CPU)."""
+    work overlaps the tokenizer and weight loading; :meth:`wait` joins it (numba's start-up is
+    ~1 s of CPU). Once per process: :func:`kernel_warm_up` hands every engine the same one."""
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
@@ -55,10 +56,14 @@ class KernelWarmUp:
 
     def _run(self) -> None:
         try:
-            from .layers import cpu_attention, quant_kernels
+            from .layers.numba_startup import numba_without_scipy_probe
 
-            quant_kernels.warm_up()
-            cpu_attention.warm_up()
+            with numba_without_scipy_probe():
+                from .layers import cpu_attention, cpu_elementwise, quant_kernels
+
+                quant_kernels.warm_up()
+                cpu_attention.warm_up()
+                cpu_elementwise.warm_up()
         except BaseException as e:  # noqa: BLE001 - re-raised by wait() on the engine thread
             self.error = e
 
@@ -66,6 +71,19 @@ class KernelWarmUp:
         """Join the warm-up; returns the error that stopped it, if any."""
         self._thread.join()
         return self.error
+
+
+_warm_up: KernelWarmUp | None = None
+_warm_up_lock = threading.Lock()
+
+
+def kernel_warm_up() -> KernelWarmUp:
+    """The process's kernel warm-up, started on the first call (numba's kernels load once per process)."""
+    global _warm_up
+    with _warm_up_lock:
+        if _warm_up is None or _warm_up.error is not None:  # a failed one is tried again
+            _warm_up = KernelWarmUp()
+        return _warm_up
 
 
 def resolve_quantization(value: str | None, device: torch.device, dtype: torch.dtype, model_dir: Path) -> str | None:

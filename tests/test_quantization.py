@@ -193,3 +193,61 @@ def test_default_model_perplexity_on_held_out_text_is_within_one_percent_of_floa
         assert llm.get_server_info()["quantization"] == "gguf"
         ppl_quant = _perplexity(llm, ids)
     assert abs(ppl_quant / ppl_float - 1) < 0.01, (ppl_float, ppl_quant)
+
+
+def test_cpu_elementwise_kernels_match_the_torch_references():
+    from kernels import reference as ref
+
+    from nbengine.layers import cpu_elementwise as ew
+    from nbengine.layers.rotary import Rotary
+
+    torch.manual_seed(0)
+    x, res, w = torch.randn(5, 64), torch.randn(5, 64), torch.randn(64)
+    normed, summed = ew.add_rms_norm(x, res.clone(), w, 1e-5)
+    want_normed, want_sum = ref.add_rms_norm(x, res, w, 1e-5)
+    torch.testing.assert_close(summed, want_sum)
+    torch.testing.assert_close(normed, want_normed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ew.add_rms_norm(x, None, w, 1e-5)[0], ref.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    gate_up = torch.randn(5, 2 * 48) * 4
+    torch.testing.assert_close(ew.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), rtol=1e-5, atol=1e-5)
+    h, hk, d = 4, 2, 16
+    rope = Rotary(d, 128, 10000.0, None, torch.device("cpu")).for_step(torch.tensor([0, 7, 100, 3, 64]))
+    qkv, slots = torch.randn(5, (h + 2 * hk) * d), torch.tensor([9, 2, 30, 7, 11])
+    got_qkv, want_qkv = qkv.clone(), qkv.clone()
+    got_kv, want_kv = torch.zeros(32, 2, hk, d), torch.zeros(32, 2, hk, d)
+    ew.rope_store(got_qkv, rope, got_kv, slots, h, hk, d, None, None, 0.0)
+    ref.rope_store(want_qkv, rope.cis, want_kv, slots, h, hk, d)
+    torch.testing.assert_close(got_qkv[:, : h * d], want_qkv[:, : h * d], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_kv, want_kv, rtol=1e-5, atol=1e-5)
+
+
+def _batched_decode_logits(runner: ModelRunner, prompts: list[list[int]], decodes: int) -> torch.Tensor:
+    """Every prompt prefilled, then ``decodes`` steps decoding all of them together (teacher forced)."""
+    seqs = [Sequence(rid=f"b{i}", prompt_ids=ids, params=SamplingParams(temperature=0, max_new_tokens=1),
+                     emit=lambda _: None) for i, ids in enumerate(prompts)]
+    for seq in seqs:
+        assert runner.pool.grow(seq.pages, len(seq.prompt_ids))
+        runner.run([ScheduledSeq(seq, 0, len(seq.prompt_ids) - decodes)])
+        seq.num_computed = len(seq.prompt_ids) - decodes
+    rows = []
+    for _ in range(decodes):
+        out, order = runner.run([ScheduledSeq(seq, seq.num_computed, 1) for seq in seqs])
+        assert [it.seq for it in order] == seqs
+        rows.append(out.logits)
+        for seq in seqs:
+            seq.num_computed += 1
+    for seq in seqs:
+        runner.pool.free(seq.pages)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_fast_decode_step_computes_what_the_modules_compute(tiny_models, name):
+    runner = ModelRunner(EngineConfig(quantization="q4_1"), tiny_models[name])
+    assert runner.model.decode_step is not None
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(100, 49000, (n,), generator=gen).tolist() for n in (20, 7, 45)]
+    fast = _batched_decode_logits(runner, prompts, 5)
+    runner.model.decode_step = None
+    modules = _batched_decode_logits(runner, prompts, 5)
+    torch.testing.assert_close(fast, modules, rtol=1e-4, atol=1e-4)

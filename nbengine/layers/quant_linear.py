@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,6 +107,7 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self._kernel = qk.linear_q4_1 if fmt == "q4_1" else qk.linear_q8_0
         self._weights = tuple(getattr(self, name).numpy() for name in ("qs", "d", "m") if name in tensors)
+        self._bias = None if bias is None else bias.numpy()
 
     @classmethod
     def from_weight(cls, fmt: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "QuantLinear":
@@ -117,12 +119,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        out = torch.empty(x2.shape[0], self.out_features)
-        self._kernel(x2.numpy(), *self._weights, out.numpy())
-        if self.bias is not None:
-            out += self.bias
-        return out.view(*lead, self.out_features)
+        if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():  # a decode step's x is all three
+            x = x.reshape(-1, self.in_features).float().contiguous()
+        out = torch.from_numpy(self.matmul_numpy(x.numpy()))
+        return out if len(lead) == 1 else out.view(*lead, self.out_features)
+
+    def matmul_numpy(self, x: np.ndarray) -> np.ndarray:
+        """``x @ W.T + b`` for a C-contiguous float32 ``x [T, K]``, in numpy (torch ops cost µs each per call)."""
+        out = np.empty((x.shape[0], self.out_features), np.float32)
+        self._kernel(x, *self._weights, out)
+        if self._bias is not None:
+            out += self._bias
+        return out
 
 
 # ------------------------------------------------------------------ the pass

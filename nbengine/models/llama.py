@@ -91,6 +91,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, {"lm_head": cfg.vocab_size})
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
         self.ops: Ops | None = None  # injected by the runner (bind)
+        self.decode_step = None  # all-decode steps' fast path (the quantized CPU path sets one: cpu_decode)
         self._head: Linear | None = None
 
     def bind(self, ops: Ops) -> None:
@@ -101,6 +102,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
                 kv: list[torch.Tensor]) -> torch.Tensor:
         """Returns the final-norm hidden states ``[T, hidden]``."""
+        if self.decode_step is not None and fb.num_decodes == fb.num_tokens:
+            return self.decode_step(input_ids, positions, fb, kv)
         ops = self.ops
         x = self.embed(input_ids, fb)
         residual = None
