@@ -15,6 +15,7 @@ from . import render
 from .api import execute, model_label, prepare_run, with_seed
 from .chat import ChatSession
 from .engines import EngineRegistry, parse_engine_args
+from .probs import SHOW, TokenProbs, decoder_for, logprob_args
 from .prompting import build_inputs, clean_prompt, interpolate, prompt_list
 
 _SAMPLING_ARGS = [
@@ -116,6 +117,9 @@ class NBEngineMagics(Magics):
     @magic_arguments()
     @_with(_SAMPLING_ARGS)
     @argument("-n", type=int, default=1, help="samples per prompt (one live pane each)")
+    @argument("--show", default="text", choices=SHOW,
+              help="probs: each token shaded by its probability, alternatives on hover; "
+                   "prompt: the prompt's tokens too (their surprise), with perplexities")
     @argument("--chat", dest="chat", action="store_const", const=True, default=None,
               help="apply the model's chat template (the default where the model has one)")
     @argument("--raw", dest="chat", action="store_const", const=False, help="send the prompt as is")
@@ -133,7 +137,8 @@ class NBEngineMagics(Magics):
         if args.no_stream:
             outs, single = self._generate_quietly(llm, prompts, params, args)
         else:
-            run = self._prepared(llm, prompts, params, chat=args.chat, system=args.system, fmt=args.format)
+            run = self._prepared(llm, prompts, params, chat=args.chat, system=args.system, fmt=args.format,
+                                 show=args.show)
             try:
                 execute(run)
             except KeyboardInterrupt:  # the partial text is shown (marked stopped) and kept in -o
@@ -155,13 +160,15 @@ class NBEngineMagics(Magics):
         try:
             texts, ids, used_chat = build_inputs(llm, prompts, args.chat, args.system)
             res = llm.generate(texts[0] if single and texts else texts, params,
-                               input_ids=(ids[0] if single else ids) if ids else None)
+                               input_ids=(ids[0] if single else ids) if ids else None, **logprob_args(args.show))
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
         outs = [res] if single else res
         stats = {"elapsed_s": round(time.perf_counter() - t0, 4), "ttft_s": None, "tok_per_s": None}
         for out in outs:
-            display(render.bundle(out, args.format), raw=True,
+            b = render.bundle(out, args.format) if args.show == "text" else \
+                TokenProbs(out, decoder_for(llm), args.show == "prompt")._repr_mimebundle_()
+            display(b, raw=True,
                     metadata=render.metadata(out, stats, model_label(llm), params, {"chat_template": used_chat}))
         return outs, single
 
