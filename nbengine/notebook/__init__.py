@@ -52,6 +52,7 @@ def unload_ipython_extension(ip: Any) -> None:
         for name in names:
             ip.magics_manager.magics[kind].pop(name, None)
     ip.magics_manager.registry.pop(type(magics).__name__, None)
+    magics.close_dashboards()
     magics.registry.shutdown_all()
     if not _loaded:
         hooks.remove_batch_observer(batch_progress)

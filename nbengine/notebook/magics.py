@@ -14,6 +14,8 @@ from traitlets import Float, Int, Unicode
 from . import render
 from .api import execute, model_label, prepare_run, with_seed
 from .chat import ChatSession
+from .compare import compare, grid_params
+from .dashboard import Dashboard
 from .engines import EngineRegistry, parse_engine_args
 from .probs import SHOW, TokenProbs, decoder_for, logprob_args
 from .prompting import build_inputs, clean_prompt, interpolate, prompt_list
@@ -78,6 +80,7 @@ class NBEngineMagics(Magics):
         super().__init__(shell, **kwargs)
         self.registry = EngineRegistry()
         self.chats: dict[str, ChatSession] = {}
+        self.dashboards: list[Dashboard] = []
 
     # ------------------------------------------------------------ helpers
     def _params(self, args: Any) -> dict[str, Any]:
@@ -163,6 +166,11 @@ class NBEngineMagics(Magics):
                                input_ids=(ids[0] if single else ids) if ids else None, **logprob_args(args.show))
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
+
+    def close_dashboards(self) -> None:
+        for d in self.dashboards:
+            d.close()
+        self.dashboards.clear()
         outs = [res] if single else res
         stats = {"elapsed_s": round(time.perf_counter() - t0, 4), "ttft_s": None, "tok_per_s": None}
         for out in outs:
@@ -171,6 +179,38 @@ class NBEngineMagics(Magics):
             display(b, raw=True,
                     metadata=render.metadata(out, stats, model_label(llm), params, {"chat_template": used_chat}))
         return outs, single
+
+    # ----------------------------------------------------------- %%compare
+    @magic_arguments()
+    @argument("-m", "--model", action="append", default=None,
+              help="an engine to compare (repeatable: one column of panes each; default: the current engine)")
+    @argument("--temperature", type=float, nargs="+", default=None, help="one pane per value")
+    @argument("--top-p", type=float, nargs="+", default=None, help="one pane per value")
+    @argument("--top-k", type=int, nargs="+", default=None, help="one pane per value")
+    @argument("--seed", type=int, nargs="+", default=None, help="one pane per value")
+    @argument("--max-new-tokens", type=int, default=None, help="tokens per pane at most (default 256)")
+    @argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    @argument("--system", default=None, help="system message (chat template)")
+    @argument("--chat", dest="chat", action="store_const", const=True, default=None)
+    @argument("--raw", dest="chat", action="store_const", const=False, help="send the prompt as is")
+    @argument("-o", "--out", default=None, metavar="VAR", help="store the list of output dicts in VAR")
+    @argument("--no-interpolate", action="store_true", help="send {name} as written")
+    @cell_magic
+    def compare(self, line: str, cell: str) -> None:
+        """Run the cell's prompt under every combination of the listed settings (and on every -m engine)
+        at once, streamed side by side: ``%%compare --temperature 0 0.8 --seed 1 2``."""
+        args = _parse(self.compare, line)
+        prompt, _ = self._prompt(cell, not args.no_interpolate)
+        base = {"max_new_tokens": self.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "stop": args.stop}
+        params = grid_params({k: v for k, v in base.items() if v is not None}, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        models = [self._engine(m)[1] for m in (args.model or [None])]
+        try:
+            outs = compare(prompt, params, models=models, chat=args.chat, system=args.system, ui=self.ui)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        self._store(args.out, outs)
 
     # -------------------------------------------------------------- %%chat
     @magic_arguments()
@@ -227,7 +267,8 @@ class NBEngineMagics(Magics):
     @line_magic
     def nbengine(self, line: str) -> None:
         """Manage engines: ``load MODEL [key=value ...] [--name NAME]``, ``list``, ``use NAME``,
-        ``status [NAME]``, ``shutdown [NAME|all]``."""
+        ``status [NAME]``, ``shutdown [NAME|all]``, ``dashboard [NAME]`` (a live view of the engine,
+        refreshed ~2 times a second while other cells run; ``dashboard close`` stops them all)."""
         words = shlex.split(line)
         cmd, rest = (words[0], words[1:]) if words else ("", [])
         reg = self.registry
@@ -247,11 +288,22 @@ class NBEngineMagics(Magics):
                 print(f"Magics now use engine {rest[0]!r}.")
             elif cmd == "status" and len(rest) <= 1:
                 print(reg.status(rest[0] if rest else None))
+            elif cmd == "dashboard" and rest == ["close"]:
+                self.close_dashboards()
+            elif cmd == "dashboard" and len(rest) <= 1:
+                name, llm = self._engine(rest[0] if rest else None)
+                self.dashboards = [d for d in self.dashboards if d.running]
+                self.dashboards.append(Dashboard(llm, title=f"engine {name!r}").show())
             elif cmd == "shutdown" and len(rest) <= 1:
                 done = reg.shutdown(rest[0] if rest else None)
                 print(f"Shut down: {', '.join(done)}.")
             else:
                 raise UsageError("Usage: %nbengine load MODEL [key=value ...] [--name NAME] | list | use NAME | "
-                                 "status [NAME] | shutdown [NAME|all]")
+                                 "status [NAME] | shutdown [NAME|all] | dashboard [NAME|close]")
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
+
+    def close_dashboards(self) -> None:
+        for d in self.dashboards:
+            d.close()
+        self.dashboards.clear()

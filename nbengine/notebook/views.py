@@ -93,6 +93,9 @@ class NotebookView:
             _route_clicks_to_their_subshell(self.button)
         else:
             self._controls = _display({"text/plain": line})
+        self.start_panes(run)
+
+    def start_panes(self, run: Any) -> None:
         self.panes = [_display(self.streaming_bundle(run, i)) for i in range(len(run.samples))]
 
     def streaming_bundle(self, run: Any, i: int) -> dict:
@@ -110,8 +113,7 @@ class NotebookView:
         return b
 
     def refresh(self, run: Any, changed: list[int]) -> None:
-        for i in changed:
-            _update(self.panes[i], self.streaming_bundle(run, i))
+        self.refresh_panes(run, changed)
         line = render.stats_line(run.stats(), self.model)
         if self.widgets:
             with self._box.hold_sync():
@@ -121,15 +123,22 @@ class NotebookView:
         else:
             _update(self._controls, {"text/plain": line})
 
+    def refresh_panes(self, run: Any, changed: list[int]) -> None:
+        for i in changed:
+            _update(self.panes[i], self.streaming_bundle(run, i))
+
     def finish(self, run: Any) -> None:
         stats = run.stats()
+        self.finish_panes(run, stats)
+        _update(self._controls, {"text/plain": render.stats_line(stats, self.model, final=True)})
+        if self._box is not None:
+            _close_tree(self._box)
+
+    def finish_panes(self, run: Any, stats: dict) -> None:
         for i, s in enumerate(run.samples):
             out = s.output()
             _update(self.panes[i], self.final_bundle(run, i, out),
                     metadata=render.metadata(out, stats, self.model, self.params, self.extra_meta))
-        _update(self._controls, {"text/plain": render.stats_line(stats, self.model, final=True)})
-        if self._box is not None:
-            _close_tree(self._box)
 
 
 class TerminalView:
