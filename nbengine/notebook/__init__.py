@@ -1,6 +1,7 @@
 """nbengine's notebook layer: ``%load_ext nbengine`` magics, live streaming views, progress bars.
 
-Built on the public ``Engine`` API only. Importing this package is cheap and has no side effect
+Also: ``show_tokens`` (token probabilities), ``compare`` (side by side), ``Branches`` (forks of a
+generation) and ``Dashboard`` (the live engine view). Built on the public ``Engine`` API only. Importing this package is cheap and has no side effect
 beyond the guarded nest-asyncio patch inside a running kernel; magics are registered only by
 ``load_ipython_extension``. Works without ipywidgets (plain display then).
 """
@@ -65,4 +66,17 @@ def stream(llm: Any, prompt: str | list[str], sampling_params: dict | None = Non
     return _stream(llm, prompt, sampling_params, **kwargs)
 
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel"]
+_LAZY = {"show_tokens": "probs", "compare": "compare", "Branches": "branches", "Dashboard": "dashboard"}
+
+
+def __getattr__(name: str) -> Any:
+    """``show_tokens``, ``compare``, ``Branches``, ``Dashboard``: imported on first use (keeps import cheap)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel", "show_tokens",
+           "compare", "Branches", "Dashboard"]

@@ -116,6 +116,27 @@ class ProbsView(NotebookView):
                          prompt_spans=self._prompt_html[i][1] if i in self._prompt_html else None)
         return {"text/html": html, "text/plain": run.samples[i].text}
 
+    def finish_panes(self, run: Any, stats: dict) -> None:
+        """Widgets, one sample, not stopped: the pane becomes the clickable branch view."""
+        super().finish_panes(run, stats)
+        out = run.samples[0].output() if len(run.samples) == 1 else None
+        if not self.widgets or out is None or render.was_stopped(out) or not out["output_ids"]:
+            return
+        try:
+            from .branch_widget import BranchWidget  # noqa: F401 - anywidget installed?
+        except ImportError:
+            return
+        from IPython.display import update_display
+
+        from .branches import Branches
+
+        b = run.batches[0]
+        ids = b.input_ids[0] if b.input_ids else b.llm.tokenizer.encode(b.prompts[0])
+        self.branches = Branches(b.llm, input_ids=ids, output=out, sampling_params=b.params)
+        widget = self.branches.widget()
+        update_display(widget, display_id=self.panes[0].display_id,
+                       metadata=render.metadata(out, stats, self.model, self.params, self.extra_meta))
+
     def final_bundle(self, run: Any, i: int, out: dict) -> dict:
         rows, prompt = self._rows(run, i)
         note = run.samples[i].label if len(run.samples) > 1 else ""
