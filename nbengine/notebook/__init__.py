@@ -66,7 +66,7 @@ def stream(llm: Any, prompt: str | list[str], sampling_params: dict | None = Non
     return _stream(llm, prompt, sampling_params, **kwargs)
 
 
-_LAZY = {"show_tokens": "probs", "compare": "compare", "Branches": "branches", "Dashboard": "dashboard"}
+_LAZY = {"show_tokens": "probs", "compare": "side_by_side", "Branches": "branches", "Dashboard": "dashboard"}
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,7 @@ from traitlets import Float, Int, Unicode
 from . import render
 from .api import execute, model_label, prepare_run, with_seed
 from .chat import ChatSession
-from .compare import compare, grid_params
+from .side_by_side import compare, grid_params
 from .dashboard import Dashboard
 from .engines import EngineRegistry, parse_engine_args
 from .probs import SHOW, TokenProbs, decoder_for, logprob_args
