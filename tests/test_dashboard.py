@@ -97,3 +97,25 @@ def test_dashboard_stops_by_itself_when_its_engine_shuts_down(tiny_llama):
     assert not dash.running and ">stopped<" in dash._html.value
     with pytest.raises(ValueError, match="interval must be"):
         Dashboard(engine, interval=0)
+
+
+def test_nbengine_dashboard_magic_shows_one_and_close_stops_it(llm):
+    pytest.importorskip("ipywidgets")
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    try:
+        ip.run_line_magic("load_ext", "nbengine")
+        ip.user_ns["tiny"] = llm
+        magics = ip.magics_manager.registry["NBEngineMagics"]
+        with capture_output() as cap:
+            ip.run_line_magic("nbengine", "dashboard tiny")
+        assert "application/vnd.jupyter.widget-view+json" in cap.outputs[0].data
+        (dash,) = magics.dashboards
+        assert dash.running and dash.llm is llm
+        ip.run_line_magic("nbengine", "dashboard close")
+        assert not dash.running and magics.dashboards == []
+    finally:
+        ip.run_line_magic("unload_ext", "nbengine")
+        InteractiveShell.clear_instance()

@@ -166,11 +166,6 @@ class NBEngineMagics(Magics):
                                input_ids=(ids[0] if single else ids) if ids else None, **logprob_args(args.show))
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
-
-    def close_dashboards(self) -> None:
-        for d in self.dashboards:
-            d.close()
-        self.dashboards.clear()
         outs = [res] if single else res
         stats = {"elapsed_s": round(time.perf_counter() - t0, 4), "ttft_s": None, "tok_per_s": None}
         for out in outs:
