@@ -66,6 +66,13 @@ def stream(llm: Any, prompt: str | list[str], sampling_params: dict | None = Non
     return _stream(llm, prompt, sampling_params, **kwargs)
 
 
+def current_engine() -> Any:
+    """The engine the magics use now (``%nbengine use``), started on first use like ``%%generate`` does."""
+    if not _loaded:
+        raise ValueError("The nbengine extension is not loaded: run %load_ext nbengine, or pass an Engine.")
+    return next(iter(_loaded.values())).registry.get(None)[1]
+
+
 _LAZY = {"show_tokens": "probs", "compare": "side_by_side", "Branches": "branches", "Dashboard": "dashboard"}
 
 
@@ -78,5 +85,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel", "show_tokens",
+__all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel", "current_engine",
+           "show_tokens",
            "compare", "Branches", "Dashboard"]

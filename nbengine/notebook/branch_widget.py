@@ -92,6 +92,6 @@ class BranchWidget(anywidget.AnyWidget):
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         bundle = super()._repr_mimebundle_(**kwargs)
         data = bundle[0] if isinstance(bundle, tuple) else bundle
-        if isinstance(data, dict):  # a saved notebook opened without the widget state still shows the view
-            data["text/plain"] = self.branches._repr_mimebundle_()["text/plain"]
+        if isinstance(data, dict):  # where widgets don't render (GitHub, nbviewer without state): the static view
+            data.update(self.branches._repr_mimebundle_())
         return bundle

@@ -19,7 +19,7 @@ from typing import Any
 from .api import with_seed
 from .probs import decoder_for
 from .prompting import build_inputs
-from .token_view import DEFAULT_TOP_K, TokenRow, bundle, html_view, output_rows
+from .token_view import DEFAULT_TOP_K, TokenRow, bundle, html_view, output_rows, prompt_rows
 
 LOGPROBS = {"return_logprob": True, "top_logprobs_num": DEFAULT_TOP_K}
 
@@ -63,6 +63,10 @@ class Branches:
         if output is None:
             output = llm.generate(input_ids=self.prompt_ids, sampling_params=self.params, **LOGPROBS)
         self.branches.append(Branch(0, None, None, None, output_rows(output, self.decode), output))
+        # the prompt's own tokens, where the root was generated with them (logprob_start_len=0)
+        meta = output["meta_info"]
+        whole = len(meta.get("input_token_logprobs") or []) == meta.get("prompt_tokens")
+        self.prompt_rows = prompt_rows(output, self.decode) if whole else None
         self._widget = None
 
     def _encode(self, text: str) -> list[int]:
@@ -172,7 +176,7 @@ class Branches:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         b = self.branch
-        view = bundle(b.rows, None, self.text(), note=f"branch {b.index} of {len(self.branches)}")
+        view = bundle(b.rows, self.prompt_rows, self.text(), note=f"branch {b.index} of {len(self.branches)}")
         return {"text/html": view["text/html"] + self.tree_html(),
                 "text/plain": view["text/plain"] + "\n\nbranches:\n" + self.tree_text()}
 
@@ -198,7 +202,7 @@ class Branches:
 
     def view_html(self) -> str:
         b = self.branch
-        return html_view(b.rows, note=f"branch {b.index} of {len(self.branches)} · click a token for its "
+        return html_view(b.rows, self.prompt_rows, note=f"branch {b.index} of {len(self.branches)} · click a token for its "
                                       "alternatives", details=False) + self.tree_html()
 
     def _redraw(self) -> None:

@@ -58,7 +58,9 @@ class TokenProbs:
     def __init__(self, output: dict, decode: TokenDecoder, prompt: bool | None = None, note: str = "") -> None:
         self.output = output
         self.rows: list[TokenRow] = output_rows(output, decode)
-        has_prompt = bool(output.get("meta_info", {}).get("input_token_logprobs"))
+        meta = output.get("meta_info", {})
+        # the whole prompt's logprobs (logprob_start_len=0); by default generate returns only the last one's
+        has_prompt = len(meta.get("input_token_logprobs") or []) == meta.get("prompt_tokens")
         if prompt and not has_prompt:
             prompt_rows(output, decode)  # raises with what to pass
         self.prompt_rows: list[TokenRow] | None = prompt_rows(output, decode) if (
