@@ -110,6 +110,7 @@ class Dashboard:
         self.title = title or snapshot(llm)["model"]
         self.interval = interval
         self.num_refreshes = 0  # widget updates sent
+        self.cpu_s = 0.0  # CPU time the refresh thread used (snapshots + rendering), for the overhead benchmark
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._html = self._box = None
@@ -120,6 +121,7 @@ class Dashboard:
         return {"text/html": render_html(snap, self.title, live=False), "text/plain": render_text(snap)}
 
     def show(self, widgets: bool | None = None) -> "Dashboard":
+        """Display it: the live widget where ipywidgets is installed, else one static snapshot."""
         from IPython.display import display
 
         from .views import widgets_available
@@ -129,6 +131,11 @@ class Dashboard:
         if not widgets:
             display(self)
             return self
+        display(self.start())
+        return self
+
+    def start(self) -> Any:
+        """Build the widget and start refreshing it (not displayed); returns the widget."""
         import ipywidgets as w
 
         self._last = render_html(snapshot(self.llm), self.title)
@@ -138,10 +145,9 @@ class Dashboard:
         button.on_click(lambda _: self.close())
         self._box = w.VBox([self._html, button])
         self._box.add_class("nbengine-dashboard")
-        display(self._box)
         self._thread = threading.Thread(target=self._loop, name="nbengine-dashboard", daemon=True)
         self._thread.start()
-        return self
+        return self._box
 
     @property
     def running(self) -> bool:
@@ -158,11 +164,13 @@ class Dashboard:
 
         snap = None
         while not self._stop.wait(self.interval):
+            t0 = time.thread_time()
             try:
                 snap = snapshot(self.llm)
             except (EngineShutdownError, EngineDeadError):
                 break
             self._send(render_html(snap, self.title))
+            self.cpu_s += time.thread_time() - t0
         if snap is not None:
             self._send(render_html(snap, self.title, live=False))
         elif self._html is not None:
