@@ -12,16 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
 
-from jupyter_helpers import JupyterLab, write_notebook
-from test_browser import CHROMIUM, FLAGS
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed (apt-get install -y chromium; "
-                                                             ".ci/run installs it)"),
-]
+from jupyter_helpers import write_notebook
+# the JupyterLab fixture, and the marks: slow, skipped without chromium
+from test_browser import CHROMIUM, FLAGS, lab, open_and_run_all, pytestmark  # noqa: F401
 
 CELLS = [
     "%load_ext nbengine",
@@ -41,14 +35,6 @@ def _wait_for(page, js: str, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lab-root")
-    server = JupyterLab(root, tmp_path_factory.mktemp("lab-home"))
-    yield server, root
-    server.stop()
-
-
 def test_clicking_a_token_and_an_alternative_adds_a_branch_and_the_dashboard_counts_it(lab, tmp_path,
                                                                                       default_model_dir):
     from playwright.sync_api import sync_playwright
@@ -61,10 +47,7 @@ def test_clicking_a_token_and_an_alternative_adds_a_branch_and_the_dashboard_cou
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1100, "height": 800}, device_scale_factor=1)
         try:
-            page.goto(f"{server.url}/lab/tree/views.ipynb", timeout=120_000)
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-            page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=120_000)
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            open_and_run_all(page, server, "views.ipynb")
             cells = page.locator(".jp-Notebook .jp-Cell")
             gen, dash = cells.nth(2), cells.nth(1)
 

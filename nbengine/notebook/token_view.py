@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 from .token_text import TokenDecoder, TokenText
 
