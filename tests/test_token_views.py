@@ -228,3 +228,8 @@ def test_compare_magic_runs_every_listed_setting_side_by_side(ip):
     assert [p["label"] for p in final.metadata["nbengine"]["panes"]] == ["temperature=0.0", "temperature=1.0"]
     with pytest.raises(UsageError, match="at most 16"):
         ip.run_cell_magic("compare", "-m tiny --temperature 0 1 --seed 1 2 3 4 5 6 7 8 9", "Hello")
+
+
+def test_show_probs_refuses_a_format_it_would_ignore(ip):
+    with pytest.raises(UsageError, match="--format applies to --show text only"):
+        ip.run_cell_magic("generate", "-m tiny --show probs --format json", "Hello")

@@ -1,9 +1,10 @@
 """nbengine's notebook layer: ``%load_ext nbengine`` magics, live streaming views, progress bars.
 
 Also: ``show_tokens`` (token probabilities), ``compare`` (side by side), ``Branches`` (forks of a
-generation) and ``Dashboard`` (the live engine view). Built on the public ``Engine`` API only. Importing this package is cheap and has no side effect
-beyond the guarded nest-asyncio patch inside a running kernel; magics are registered only by
-``load_ipython_extension``. Works without ipywidgets (plain display then).
+generation) and ``Dashboard`` (the live engine view). Built on the public ``Engine`` API only.
+Importing this package is cheap and has no side effect beyond the guarded nest-asyncio patch
+inside a running kernel; magics are registered only by ``load_ipython_extension``. Works without
+ipywidgets (plain display then).
 """
 
 from __future__ import annotations
@@ -86,5 +87,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel", "current_engine",
-           "show_tokens",
-           "compare", "Branches", "Dashboard"]
+           "show_tokens", "compare", "Branches", "Dashboard"]

@@ -136,6 +136,8 @@ class NBEngineMagics(Magics):
         params = self._params(args)
         if args.format == "code" and (len(prompts) > 1 or args.n > 1):
             raise UsageError("--format code inserts one cell: use it with one prompt and -n 1.")
+        if args.show != "text" and args.format != "markdown":
+            raise UsageError(f"--show {args.show} shows the tokens themselves; --format applies to --show text only.")
         name, llm = self._engine(args.model)
         if args.no_stream:
             outs, single = self._generate_quietly(llm, prompts, params, args)
