@@ -178,6 +178,19 @@ class Engine:
         return {**args, "model_path": str(self.model_dir), **info,
                 "default_sampling_params": dict(self._limits.sampling_defaults), "version": __version__}
 
+    def get_recent_requests(self) -> list[dict[str, Any]]:
+        """The last finished requests (up to 32, oldest first): ``rid``, ``finish_reason`` (its type),
+        ``prompt_tokens``, ``completion_tokens``, ``ttft_s``, ``e2e_latency_s``, ``tok_per_s`` (decode speed
+        after the first token), ``finished_at`` (``time.time()``). A copy, read without waiting for a step."""
+        return self._thread.live_core().stats.recent_requests()
+
+    def get_throughput_history(self, seconds: int = 60) -> list[int]:
+        """Tokens generated in each of the last ``seconds`` (at most 60) whole seconds, oldest first.
+        A copy, read without waiting for a step."""
+        if not isinstance(seconds, int) or not 1 <= seconds <= 60:
+            raise ValueError(f"seconds must be an int in [1, 60], got {seconds!r}.")
+        return self._thread.live_core().stats.tokens_per_second(seconds)
+
     def shutdown(self) -> None:
         """Stop the engine thread and free its model and KV memory. Safe to call twice."""
         self._finalizer()

@@ -19,6 +19,7 @@ from .detokenizer import IncrementalDetokenizer
 from .inflight import HostIds, InFlightStep
 from .model_runner import ModelRunner, StepLogits
 from .request_output import RequestOutput
+from .request_stats import RequestStats
 from .sampler import SampleResult, Sampler
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
@@ -44,6 +45,7 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.num_finished = 0
         self.last_gen_throughput = 0.0  # tokens sampled per second in the latest step
+        self.stats = RequestStats()  # recent requests and tokens per second, read as copies from any thread
         # one request may not run past the context length, nor past what the KV pool holds
         self.max_request_tokens = min(self.runner.context_length, self.pool.capacity_tokens)
         # fault injection for tests: called as fault_hook(site, seqs) at "runner", "sampler", "detokenizer"
@@ -160,6 +162,7 @@ class EngineCore:
             return
         sampled = self._sample(out.logits, sampling)
         self.last_gen_throughput = len(sampled) / max(time.perf_counter() - t0, 1e-9)
+        self.stats.add_tokens(len(sampled))
         for seq, token, lp, top in sampled:
             self._guarded(seq, self._append, seq, token, lp, top)
 
@@ -241,6 +244,8 @@ class EngineCore:
             self._finish(seq, {"type": "length", "length": 0})
             return
         seq.output_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
         if seq.logprob.return_logprob:
             seq.output_token_logprobs.append((lp, token, None))
             if seq.logprob.top_logprobs_num > 0:
@@ -275,6 +280,7 @@ class EngineCore:
             self.scheduler.remove(seq)
             self.seqs.pop(seq.rid, None)
             self.num_finished += 1
+            self.stats.finished(seq)
         self._emit(seq)
 
     def _emit(self, seq: Sequence) -> None:
@@ -340,6 +346,7 @@ class EngineCore:
             "num_finished_reqs": self.num_finished,
             "num_preemptions": self.scheduler.num_preemptions,
             "last_gen_throughput": self.last_gen_throughput,
+            **self.stats.info(),
             "max_running_requests": self.scheduler.max_running,
             "chunked_prefill_size": self.scheduler.token_budget,
             "context_length": self.runner.context_length,

@@ -45,6 +45,7 @@ class Sequence:
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING
     arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None  # perf_counter when the first output token was sampled
     generator: torch.Generator | None = None
     penalties: Any = None  # the sampler's running PenaltyCounts, built on first use
     finish_reason: dict[str, Any] | None = None

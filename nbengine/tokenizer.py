@@ -49,6 +49,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token) if self._tok else self._hf.convert_tokens_to_ids(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of ``token_id`` as stored (byte-level or ``<0xNN>`` pieces), or None."""
+        return self._tok.id_to_token(token_id) if self._tok else self._hf.convert_ids_to_tokens(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=add_special_tokens)

@@ -86,10 +86,7 @@ def test_generate_streams_live_and_stop_button_aborts_while_the_cell_runs(lab, t
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         page = browser.new_page(viewport={"width": 1100, "height": 760}, device_scale_factor=1)
         try:
-            page.goto(f"{server.url}/lab/tree/live.ipynb", timeout=120_000)
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-            page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=120_000)
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            open_and_run_all(page, server, "live.ipynb")
 
             # 1. live: the pane's text grows over >= 3 observations while the cell still runs
             seen: list[str] = []
@@ -135,6 +132,14 @@ def test_generate_streams_live_and_stop_button_aborts_while_the_cell_runs(lab, t
     if screenshot_dir and (shots / "generate-streaming.png").exists():
         Path(screenshot_dir).mkdir(parents=True, exist_ok=True)
         shutil.copy(shots / "generate-streaming.png", Path(screenshot_dir) / "generate-streaming.png")
+
+
+def open_and_run_all(page, server, name: str) -> None:
+    """Open notebook ``name`` in JupyterLab, wait for its kernel, run all cells (returns at once)."""
+    page.goto(f"{server.url}/lab/tree/{name}", timeout=120_000)
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
+    page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=120_000)
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
 
 
 def _screenshot(page, i: int, path: Path) -> None:

@@ -122,3 +122,21 @@ def test_vision_notebook_runs_on_a_tiny_vision_model(tmp_path, monkeypatch, tiny
         assert _final(_cell(cells, start))["metadata"]["nbengine"]["completion_tokens"] > 0
     assert _final(_cell(cells, "%%chat -m llm --session shapes --max"))["metadata"]["nbengine"]["completion_tokens"] > 0
     assert "'" in _text(_cell(cells, "import base64, httpx"))  # the server's answer, a string
+def test_explore_notebook_shows_probabilities_compare_branches_and_the_dashboard(tmp_path, monkeypatch,
+                                                                                  default_model_dir):
+    cells = _execute("explore", tmp_path, monkeypatch)
+    probs = _final(_cell(cells, "%%generate --show probs"))
+    assert probs["data"]["text/html"].count('class="nbe-tok"') == probs["metadata"]["nbengine"]["completion_tokens"]
+    assert "perplexity" in probs["data"]["text/plain"]
+    prompt = _final(_cell(cells, "%%generate --show prompt"))["data"]["text/html"]
+    assert 'class="nbe-prompt"' in prompt and "surprise" in prompt
+    shown = next(o for o in _cell(cells, "llm = current_engine()")["outputs"] if "text/html" in o.get("data", {}))
+    assert 'class="nbe-tok"' in shown["data"]["text/html"]
+    grid = _final(_cell(cells, "%%compare"))
+    assert grid["data"]["text/html"].count('class="nbe-pane"') == 4 and len(grid["metadata"]["nbengine"]["panes"]) == 4
+    assert _text(_cell(cells, '[p["meta_info"]')).count(",") == 3  # four outputs returned
+    forks = _text(_cell(cells, "br = Branches"))
+    assert forks.startswith("0 ") and "\n1 " in forks
+    assert "application/vnd.jupyter.widget-view+json" in _cell(cells, "br.show()")["outputs"][0]["data"]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for o in _cell(cells, "%nbengine dashboard")["outputs"])

@@ -1,8 +1,10 @@
 """nbengine's notebook layer: ``%load_ext nbengine`` magics, live streaming views, progress bars.
 
-Built on the public ``Engine`` API only. Importing this package is cheap and has no side effect
-beyond the guarded nest-asyncio patch inside a running kernel; magics are registered only by
-``load_ipython_extension``. Works without ipywidgets (plain display then).
+Also: ``show_tokens`` (token probabilities), ``compare`` (side by side), ``Branches`` (forks of a
+generation) and ``Dashboard`` (the live engine view). Built on the public ``Engine`` API only.
+Importing this package is cheap and has no side effect beyond the guarded nest-asyncio patch
+inside a running kernel; magics are registered only by ``load_ipython_extension``. Works without
+ipywidgets (plain display then).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def unload_ipython_extension(ip: Any) -> None:
         for name in names:
             ip.magics_manager.magics[kind].pop(name, None)
     ip.magics_manager.registry.pop(type(magics).__name__, None)
+    magics.close_dashboards()
     magics.registry.shutdown_all()
     if not _loaded:
         hooks.remove_batch_observer(batch_progress)
@@ -64,4 +67,24 @@ def stream(llm: Any, prompt: str | list[str], sampling_params: dict | None = Non
     return _stream(llm, prompt, sampling_params, **kwargs)
 
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel"]
+def current_engine() -> Any:
+    """The engine the magics use now (``%nbengine use``), started on first use like ``%%generate`` does."""
+    if not _loaded:
+        raise ValueError("The nbengine extension is not loaded: run %load_ext nbengine, or pass an Engine.")
+    return next(iter(_loaded.values())).registry.get(None)[1]
+
+
+_LAZY = {"show_tokens": "probs", "compare": "side_by_side", "Branches": "branches", "Dashboard": "dashboard"}
+
+
+def __getattr__(name: str) -> Any:
+    """``show_tokens``, ``compare``, ``Branches``, ``Dashboard``: imported on first use (keeps import cheap)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["load_ipython_extension", "unload_ipython_extension", "stream", "apply_in_kernel", "current_engine",
+           "show_tokens", "compare", "Branches", "Dashboard"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import render
 from .live import LiveRun
+from .probs import logprob_args, probs_view
 from .prompting import build_inputs
 from .views import make_view
 
@@ -40,12 +41,15 @@ def with_seed(params: dict) -> dict:
 
 def prepare_run(llm: Any, prompts: list[str], params: dict, *, chat: bool | None = None, system: str | None = None,
                 fmt: str = "markdown", ui: str = "auto", extra_meta: dict | None = None, trace: bool = False,
-                messages_ids: list[int] | None = None, images: list[Any] | None = None) -> LiveRun:
+                messages_ids: list[int] | None = None, images: list[Any] | None = None,
+                show: str = "text") -> LiveRun:
     """Validate everything and build the :class:`LiveRun` (nothing shown yet; bad input raises here).
 
     ``messages_ids`` (already templated chat ids) replaces ``prompts`` as model input for ``%%chat``.
     ``images``: the images of every prompt (a vision-language model; placeholders are added).
+    ``show``: "text", "probs" (tokens shaded by probability) or "prompt" (the prompt's tokens too).
     """
+    logprobs = logprob_args(show)
     if fmt not in render.FORMATS:
         raise ValueError(f"format must be one of {', '.join(render.FORMATS)}; got {fmt!r}.")
     params = with_seed(params)
@@ -58,8 +62,10 @@ def prepare_run(llm: Any, prompts: list[str], params: dict, *, chat: bool | None
     meta = {"chat_template": used_chat, **({"system": system} if system else {}), **(extra_meta or {})}
     view = make_view(fmt, model, params, ui, meta)
     image_data = [list(images) for _ in prompts] if images else None
+    if logprobs:
+        view = probs_view(view, llm, show)
     return LiveRun(llm, view, prompts=texts, input_ids=ids, params=params, labels=_labels(prompts, n), trace=trace,
-                   image_data=image_data)
+                   image_data=image_data, logprobs=logprobs)
 
 
 def execute(run: LiveRun) -> LiveRun:
@@ -74,20 +80,22 @@ def execute(run: LiveRun) -> LiveRun:
 
 def stream(llm: Any, prompt: str | list[str], sampling_params: dict | None = None, *, chat: bool | None = None,
            system: str | None = None, format: str = "markdown", ui: str = "auto", images: list[Any] | None = None,
-           **params: Any) -> dict | list[dict]:
+           show: str = "text", **params: Any) -> dict | list[dict]:
     """Generate with the live view (text as it comes, stats, Stop) and return the output dict(s).
 
     ``prompt``: a string, or a list (one pane per sample). Sampling parameters come as a dict
     and/or keyword arguments (``max_new_tokens=64, temperature=0``). ``chat``: apply the model's
     chat template (default: where it has one); ``system``: a system message; ``format``:
-    markdown / text / code / json for the finished output; ``ui``: auto / widget / text / terminal.
-    ``images``: images for every prompt (paths, PIL images, bytes; a vision-language model).
+    markdown / text / code / json for the finished output; ``ui``: auto / widget / text / terminal;
+    ``images``: images for every prompt (paths, PIL images, bytes; a vision-language model);
+    ``show``: text, probs (tokens shaded by their probability, live) or prompt (the prompt's too).
     Returns one dict for one prompt with n == 1, else a list (prompt-major), as ``generate`` does.
     A KeyboardInterrupt aborts the requests (their KV pages are freed), keeps the partial text
     marked stopped, and propagates.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     p = {**(sampling_params or {}), **params}
-    run = execute(prepare_run(llm, prompts, p, chat=chat, system=system, fmt=format, ui=ui, images=images))
+    run = execute(prepare_run(llm, prompts, p, chat=chat, system=system, fmt=format, ui=ui, images=images,
+                              show=show))
     outs = run.outputs()
     return outs[0] if run.single else outs

@@ -14,8 +14,11 @@ from traitlets import Float, Int, Unicode
 from . import render
 from .api import execute, model_label, prepare_run, with_seed
 from .chat import ChatSession
+from .side_by_side import compare, grid_params
+from .dashboard import Dashboard
 from .engines import EngineRegistry, parse_engine_args
 from .images import image_parts, placeholder, resolve_images, thumbnails
+from .probs import SHOW, TokenProbs, decoder_for, logprob_args
 from .prompting import build_inputs, clean_prompt, interpolate, prompt_list
 
 _SAMPLING_ARGS = [
@@ -81,6 +84,7 @@ class NBEngineMagics(Magics):
         super().__init__(shell, **kwargs)
         self.registry = EngineRegistry()
         self.chats: dict[str, ChatSession] = {}
+        self.dashboards: list[Dashboard] = []
 
     # ------------------------------------------------------------ helpers
     def _params(self, args: Any) -> dict[str, Any]:
@@ -135,6 +139,9 @@ class NBEngineMagics(Magics):
     @magic_arguments()
     @_with(_SAMPLING_ARGS)
     @argument("-n", type=int, default=1, help="samples per prompt (one live pane each)")
+    @argument("--show", default="text", choices=SHOW,
+              help="probs: each token shaded by its probability, alternatives on hover; "
+                   "prompt: the prompt's tokens too (their surprise), with perplexities")
     @argument("--chat", dest="chat", action="store_const", const=True, default=None,
               help="apply the model's chat template (the default where the model has one)")
     @argument("--raw", dest="chat", action="store_const", const=False, help="send the prompt as is")
@@ -148,13 +155,15 @@ class NBEngineMagics(Magics):
         params = self._params(args)
         if args.format == "code" and (len(prompts) > 1 or args.n > 1):
             raise UsageError("--format code inserts one cell: use it with one prompt and -n 1.")
+        if args.show != "text" and args.format != "markdown":
+            raise UsageError(f"--show {args.show} shows the tokens themselves; --format applies to --show text only.")
         name, llm = self._engine(args.model)
         images = self._images(args, llm)
         if args.no_stream:
             outs, single = self._generate_quietly(llm, prompts, params, args, images)
         else:
             run = self._prepared(llm, prompts, params, chat=args.chat, system=args.system, fmt=args.format,
-                                 images=images)
+                                 images=images, show=args.show)
             try:
                 execute(run)
             except KeyboardInterrupt:  # the partial text is shown (marked stopped) and kept in -o
@@ -178,15 +187,50 @@ class NBEngineMagics(Magics):
             texts, ids, used_chat = build_inputs(llm, prompts, args.chat, args.system, len(images))
             image_data = (images if single else [images] * len(prompts)) if images else None
             res = llm.generate(texts[0] if single and texts else texts, params,
-                               input_ids=(ids[0] if single else ids) if ids else None, image_data=image_data)
+                               input_ids=(ids[0] if single else ids) if ids else None, image_data=image_data,
+                               **logprob_args(args.show))
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
         outs = [res] if single else res
         stats = {"elapsed_s": round(time.perf_counter() - t0, 4), "ttft_s": None, "tok_per_s": None}
         for out in outs:
-            display(render.bundle(out, args.format), raw=True,
+            b = render.bundle(out, args.format) if args.show == "text" else \
+                TokenProbs(out, decoder_for(llm), args.show == "prompt")._repr_mimebundle_()
+            display(b, raw=True,
                     metadata=render.metadata(out, stats, model_label(llm), params, {"chat_template": used_chat}))
         return outs, single
+
+    # ----------------------------------------------------------- %%compare
+    @magic_arguments()
+    @argument("-m", "--model", action="append", default=None,
+              help="an engine to compare (repeatable: one column of panes each; default: the current engine)")
+    @argument("--temperature", type=float, nargs="+", default=None, help="one pane per value")
+    @argument("--top-p", type=float, nargs="+", default=None, help="one pane per value")
+    @argument("--top-k", type=int, nargs="+", default=None, help="one pane per value")
+    @argument("--seed", type=int, nargs="+", default=None, help="one pane per value")
+    @argument("--max-new-tokens", type=int, default=None, help="tokens per pane at most (default 256)")
+    @argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    @argument("--system", default=None, help="system message (chat template)")
+    @argument("--chat", dest="chat", action="store_const", const=True, default=None)
+    @argument("--raw", dest="chat", action="store_const", const=False, help="send the prompt as is")
+    @argument("-o", "--out", default=None, metavar="VAR", help="store the list of output dicts in VAR")
+    @argument("--no-interpolate", action="store_true", help="send {name} as written")
+    @cell_magic
+    def compare(self, line: str, cell: str) -> None:
+        """Run the cell's prompt under every combination of the listed settings (and on every -m engine)
+        at once, streamed side by side: ``%%compare --temperature 0 0.8 --seed 1 2``."""
+        args = _parse(self.compare, line)
+        prompt, _ = self._prompt(cell, not args.no_interpolate)
+        base = {"max_new_tokens": self.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "stop": args.stop}
+        params = grid_params({k: v for k, v in base.items() if v is not None}, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        models = [self._engine(m)[1] for m in (args.model or [None])]
+        try:
+            outs = compare(prompt, params, models=models, chat=args.chat, system=args.system, ui=self.ui)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+        self._store(args.out, outs)
 
     # -------------------------------------------------------------- %%chat
     @magic_arguments()
@@ -249,7 +293,8 @@ class NBEngineMagics(Magics):
     @line_magic
     def nbengine(self, line: str) -> None:
         """Manage engines: ``load MODEL [key=value ...] [--name NAME]``, ``list``, ``use NAME``,
-        ``status [NAME]``, ``shutdown [NAME|all]``."""
+        ``status [NAME]``, ``shutdown [NAME|all]``, ``dashboard [NAME]`` (a live view of the engine,
+        refreshed ~2 times a second while other cells run; ``dashboard close`` stops them all)."""
         words = shlex.split(line)
         cmd, rest = (words[0], words[1:]) if words else ("", [])
         reg = self.registry
@@ -269,11 +314,22 @@ class NBEngineMagics(Magics):
                 print(f"Magics now use engine {rest[0]!r}.")
             elif cmd == "status" and len(rest) <= 1:
                 print(reg.status(rest[0] if rest else None))
+            elif cmd == "dashboard" and rest == ["close"]:
+                self.close_dashboards()
+            elif cmd == "dashboard" and len(rest) <= 1:
+                name, llm = self._engine(rest[0] if rest else None)
+                self.dashboards = [d for d in self.dashboards if d.running]
+                self.dashboards.append(Dashboard(llm, title=f"engine {name!r}").show())
             elif cmd == "shutdown" and len(rest) <= 1:
                 done = reg.shutdown(rest[0] if rest else None)
                 print(f"Shut down: {', '.join(done)}.")
             else:
                 raise UsageError("Usage: %nbengine load MODEL [key=value ...] [--name NAME] | list | use NAME | "
-                                 "status [NAME] | shutdown [NAME|all]")
+                                 "status [NAME] | shutdown [NAME|all] | dashboard [NAME|close]")
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from None
+
+    def close_dashboards(self) -> None:
+        for d in self.dashboards:
+            d.close()
+        self.dashboards.clear()

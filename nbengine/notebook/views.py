@@ -93,15 +93,27 @@ class NotebookView:
             _route_clicks_to_their_subshell(self.button)
         else:
             self._controls = _display({"text/plain": line})
-        self.panes = [_display({"text/plain": self._streaming_text(run, i)}) for i in range(len(run.samples))]
+        self.start_panes(run)
 
-    def _streaming_text(self, run: Any, i: int) -> str:
+    def start_panes(self, run: Any) -> None:
+        self.panes = [_display(self.streaming_bundle(run, i)) for i in range(len(run.samples))]
+
+    def streaming_bundle(self, run: Any, i: int) -> dict:
+        """What pane ``i`` shows while it streams (plain text: cheap to redraw)."""
         s = run.samples[i]
-        return f"[{s.label}]\n{s.text}" if len(run.samples) > 1 else s.text
+        return {"text/plain": f"[{s.label}]\n{s.text}" if len(run.samples) > 1 else s.text}
+
+    def final_bundle(self, run: Any, i: int, out: dict) -> dict:
+        """What pane ``i`` keeps once done (the chosen format; batches say which sample each pane is)."""
+        b = render.bundle(out, self.fmt)
+        if len(run.samples) > 1:
+            label = run.samples[i].label
+            b = {k: (f"**{label}**\n\n{v}" if k == "text/markdown" else f"[{label}]\n{v}")
+                 if isinstance(v, str) else v for k, v in b.items()}
+        return b
 
     def refresh(self, run: Any, changed: list[int]) -> None:
-        for i in changed:
-            _update(self.panes[i], {"text/plain": self._streaming_text(run, i)})
+        self.refresh_panes(run, changed)
         line = render.stats_line(run.stats(), self.model)
         if self.widgets:
             with self._box.hold_sync():
@@ -111,19 +123,22 @@ class NotebookView:
         else:
             _update(self._controls, {"text/plain": line})
 
+    def refresh_panes(self, run: Any, changed: list[int]) -> None:
+        for i in changed:
+            _update(self.panes[i], self.streaming_bundle(run, i))
+
     def finish(self, run: Any) -> None:
         stats = run.stats()
-        batch = len(run.samples) > 1
-        for i, s in enumerate(run.samples):
-            out = s.output()
-            b = render.bundle(out, self.fmt)
-            if batch:  # say which prompt / sample each pane is
-                b = {k: (f"**{s.label}**\n\n{v}" if k == "text/markdown" else f"[{s.label}]\n{v}")
-                     if isinstance(v, str) else v for k, v in b.items()}
-            _update(self.panes[i], b, metadata=render.metadata(out, stats, self.model, self.params, self.extra_meta))
+        self.finish_panes(run, stats)
         _update(self._controls, {"text/plain": render.stats_line(stats, self.model, final=True)})
         if self._box is not None:
             _close_tree(self._box)
+
+    def finish_panes(self, run: Any, stats: dict) -> None:
+        for i, s in enumerate(run.samples):
+            out = s.output()
+            _update(self.panes[i], self.final_bundle(run, i, out),
+                    metadata=render.metadata(out, stats, self.model, self.params, self.extra_meta))
 
 
 class TerminalView:
@@ -132,6 +147,7 @@ class TerminalView:
     def __init__(self, fmt: str, model: str, params: dict, out: Any = None) -> None:
         self.fmt = fmt
         self.model = model
+        self.params = params
         self.out = out or sys.stdout
         self._shown = 0
 
