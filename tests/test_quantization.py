@@ -33,11 +33,15 @@ MAX_MEAN_KL = {"q8_0": 2e-4, "q4_1": 2e-2}
 MIN_TOP1 = {"q8_0": 0.9, "q4_1": 0.5}
 
 
-def _int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """What the kernels see of ``x``: per row and block of 32, rounded to int8 steps of amax / 127."""
+def _quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels see of ``x``: per row and block of 32, rounded to int8 steps of amax / 127, and
+    what that left over rounded to steps 2**8 times finer."""
     b = x.view(x.shape[0], -1, 32)
     d = b.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(b / torch.where(d > 0, d, 1)) * d).view_as(x)
+    v = b / torch.where(d > 0, d, 1)
+    q = torch.round(v)
+    q = q + torch.round((v - q) * 256).clamp(-127, 127) / 256
+    return (q * d).view_as(x)
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
@@ -48,7 +52,7 @@ def test_quantized_matmul_equals_the_dequantized_product(fmt, rows):
     tensors = (quantize_q8_0 if fmt == "q8_0" else quantize_q4_1)(w)
     layer = QuantLinear(fmt, pack_for_kernels(fmt, tensors), bias)
     w_dq = dequantize(fmt, tensors)
-    expected = _int8_rows(x) @ w_dq.T + bias
+    expected = _quantized_rows(x) @ w_dq.T + bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
     # and the weights themselves are a faithful block quantization
     step = (w.abs().amax() / 127) if fmt == "q8_0" else (w.amax() - w.amin()) / 15

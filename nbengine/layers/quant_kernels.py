@@ -3,13 +3,18 @@
 Weights use llama.cpp's block formats (one block per 32 inputs of an output row): ``q4_1``
 (``w = d * q + m``, ``q`` in 0..15) and ``q8_0`` (``w = d * q``, ``q`` int8), repacked for the
 kernels by ``quant_linear.pack_for_kernels`` into *column groups*: 8 output rows side by side,
-so each 32-byte vector holds 4 consecutive inputs of 8 outputs and a broadcast of 4 activation
-bytes multiplies all 8 at once (the layout VNNI kernels use). Scales are ``[N/8, K/32, 8]``.
+so one broadcast of a few activation values multiplies all 8 at once (the layout VNNI kernels
+use). Scales are ``[N/8, K/32, 8]``.
 
-Activations are quantized per row and block of 32 to int8 (``x = xd * xq``, ``xs = xd * sum(xq)``).
-On AVX2 the products are ``vpmaddubsw`` (+ ``vpmaddwd``), llama.cpp's own instructions; elsewhere
-LLVM lowers a portable vector form of the same arithmetic. A tile is one column group against up
-to four activation rows; threads (numba ``prange``) take column groups.
+Activations are quantized per row and block of 32 to ~16 bits: ``x ~ xd * (2**8 * q1 + q2)``, where
+``q1`` is llama.cpp's int8 rounding (steps of amax / 127) and ``q2`` (int8) rounds what ``q1`` left
+over, in steps 2**8 times finer; ``xs = xd * sum(2**8 * q1 + q2)``. int8 activations alone flip
+near-tied greedy tokens of the default model (top-1 agreement with float32 96.5 %); with the second
+part it is 100 % (see docs/NOTES.md). q4_1 multiplies each part with ``vpmaddubsw`` (two int8 passes
+over weights loaded once); q8_0 multiplies the combined int16 values with ``vpmaddwd``, which costs
+about what one int8 pass with llama.cpp's sign trick did. Elsewhere LLVM lowers a portable vector
+form of the same arithmetic. A tile is one column group against up to four activation rows;
+threads (numba ``prange``) take column groups.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ except Exception:  # noqa: BLE001 - feature probing is best effort; the portable
 
 QK = 32  # features per block
 PARALLEL_QUANT_ROWS = 64  # activations of at least this many rows are quantized by all threads
+RESIDUAL_BITS = 8  # the activations' second int8 part counts in steps 2**-8 of the first's
+RESIDUAL_SCALE = 1 << RESIDUAL_BITS
+ACT_BYTES = 2 * QK  # bytes per row and block of quantized activations: two int8 parts, or one int16
 GROUP_CHUNK = 4  # column groups (of 8 outputs) per parallel work item: 4 rows x 32 outputs per inner tile sweep
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -76,13 +84,14 @@ def _madd_ones(builder, v16):
     return builder.add(even, odd)
 
 
-def _sign(builder, x, w):
-    """``vpsignb``: ``x`` negated where ``w < 0`` (and zeroed where ``w == 0``)."""
+def _madd(builder, a16, b16):
+    """``vpmaddwd``: int16 x int16, adjacent products summed -> ``<8 x i32>``."""
     if AVX2:
-        return _call(builder, "llvm.x86.avx2.psign.b", _V(_I8, 32), [x, w])
-    zero = ir.Constant(_V(_I8, 32), [0] * 32)
-    neg = builder.select(builder.icmp_signed("<", w, zero), builder.neg(x), x)
-    return builder.select(builder.icmp_signed("==", w, zero), zero, neg)
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", _V(_I32, 8), [a16, b16])
+    p = builder.mul(builder.sext(a16, _V(_I32, 16)), builder.sext(b16, _V(_I32, 16)))
+    even = builder.shuffle_vector(p, p, ir.Constant(_V(_I32, 8), list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(p, p, ir.Constant(_V(_I32, 8), list(range(1, 16, 2))))
+    return builder.add(even, odd)
 
 
 def _splat4(builder, base, offset):
@@ -91,9 +100,14 @@ def _splat4(builder, base, offset):
     return builder.bitcast(_splat(builder, word, 8), _V(_I8, 32))
 
 
+def _offset(builder, off, delta):
+    return builder.add(off, ir.Constant(off.type, delta))
+
+
 class _Q4:
     """q4_1 column groups: 128 bytes per block of 32 inputs x 8 outputs; each 32-byte vector holds
-    8 inputs of the 8 outputs (low nibbles: inputs 0-3, high nibbles: 4-7, 4 bytes per output)."""
+    8 inputs of the 8 outputs (low nibbles: inputs 0-3, high nibbles: 4-7, 4 bytes per output).
+    Activations: per row and block, the 32 bytes of ``q1`` then the 32 of ``q2``."""
 
     group_block_bytes = 128
     has_min = True
@@ -102,42 +116,46 @@ class _Q4:
     def load_block(builder, wq, off):
         parts = []
         for j in range(4):
-            v = _load(builder, wq, builder.add(off, ir.Constant(off.type, 32 * j)), _V(_I8, 32))
+            v = _load(builder, wq, _offset(builder, off, 32 * j), _V(_I8, 32))
             parts.append((builder.and_(v, ir.Constant(_V(_I8, 32), [15] * 32)),
                           builder.lshr(v, ir.Constant(_V(_I8, 32), [4] * 32))))
         return parts
 
     @staticmethod
-    def dot(builder, parts, xq, xoff):
+    def _dot8(builder, parts, xq, xoff):
         acc16 = None  # |sum| <= 8 * 2 * 15 * 127 < 2**15: the whole block fits in i16 lanes
         for j, (lo, hi) in enumerate(parts):
-            o = builder.add(xoff, ir.Constant(xoff.type, 8 * j))
+            o = _offset(builder, xoff, 8 * j)
             p = builder.add(_maddubs(builder, lo, _splat4(builder, xq, o)),
-                            _maddubs(builder, hi, _splat4(builder, xq, builder.add(o, ir.Constant(o.type, 4)))))
+                            _maddubs(builder, hi, _splat4(builder, xq, _offset(builder, o, 4))))
             acc16 = p if acc16 is None else builder.add(acc16, p)
         return _madd_ones(builder, acc16)
 
+    @classmethod
+    def dot(cls, builder, parts, xq, xoff):
+        coarse = cls._dot8(builder, parts, xq, xoff)
+        fine = cls._dot8(builder, parts, xq, _offset(builder, xoff, QK))
+        return builder.add(builder.shl(coarse, ir.Constant(_V(_I32, 8), [RESIDUAL_BITS] * 8)), fine)
+
 
 class _Q8:
-    """q8_0 column groups: 256 bytes per block; each 32-byte vector holds 4 inputs of the 8 outputs."""
+    """q8_0 column groups: 256 bytes per block; each 16-byte piece holds 2 inputs of the 8 outputs and
+    widens to int16 lanes. Activations: per row and block, 32 int16 values ``2**8 * q1 + q2``."""
 
     group_block_bytes = 256
     has_min = False
 
     @staticmethod
     def load_block(builder, wq, off):
-        parts = []
-        for j in range(8):
-            w = _load(builder, wq, builder.add(off, ir.Constant(off.type, 32 * j)), _V(_I8, 32))
-            parts.append((_sign(builder, w, w), w))  # |w| as unsigned; its sign moves onto x (llama.cpp's trick)
-        return parts
+        return [builder.sext(_load(builder, wq, _offset(builder, off, 16 * j), _V(_I8, 16)), _V(_I16, 16))
+                for j in range(16)]
 
     @staticmethod
     def dot(builder, parts, xq, xoff):
-        acc = None
-        for j, (aw, w) in enumerate(parts):
-            x = _splat4(builder, xq, builder.add(xoff, ir.Constant(xoff.type, 4 * j)))
-            p = _madd_ones(builder, _maddubs(builder, aw, _sign(builder, x, w)))
+        acc = None  # |sum| <= 32 * 127 * 2**15 < 2**31
+        for j, w in enumerate(parts):
+            x = builder.bitcast(_splat4(builder, xq, _offset(builder, xoff, 4 * j)), _V(_I16, 16))
+            p = _madd(builder, w, x)
             acc = p if acc is None else builder.add(acc, p)
         return acc
 
@@ -161,7 +179,6 @@ def _make_tile(fmt, rows: int):
             c = lambda v: ir.Constant(i64, v)  # noqa: E731
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_V(_F32, 8), [0.0] * 8)) for _ in range(rows)]
             row_ids = [builder.add(r0_v, c(i)) for i in range(rows)]
-            k = builder.mul(nb_v, c(QK))
             with cgutils.for_range(builder, nb_v) as loop:
                 b = loop.index
                 gb = builder.add(builder.mul(g_v, nb_v), b)  # (group, block)
@@ -170,9 +187,7 @@ def _make_tile(fmt, rows: int):
                 mvec = _load(builder, wm_p, builder.mul(gb, c(8)), _V(_F32, 8)) if fmt.has_min else None
                 for i in range(rows):
                     xb = builder.add(builder.mul(row_ids[i], nb_v), b)
-                    isum = builder.sitofp(fmt.dot(builder, parts, xq_p, builder.add(builder.mul(row_ids[i], k),
-                                                                                      builder.mul(b, c(QK)))),
-                                          _V(_F32, 8))
+                    isum = builder.sitofp(fmt.dot(builder, parts, xq_p, builder.mul(xb, c(ACT_BYTES))), _V(_F32, 8))
                     scale = builder.fmul(dvec, _splat(builder, builder.load(builder.gep(xd_p, [xb])), 8), flags=_FAST)
                     acc = builder.fadd(builder.load(accs[i]), builder.fmul(isum, scale, flags=_FAST), flags=_FAST)
                     if mvec is not None:
@@ -195,10 +210,13 @@ _q8_t1, _q8_t2, _q8_t3, _q8_t4 = (_make_tile(_Q8, r) for r in (1, 2, 3, 4))
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def quantize_row(x, r, xq, xd, xs):
-    """Quantize float32 row ``x[r]`` per block of 32 to int8 ``xq`` with scales ``xd`` and sums ``xs``."""
+def quantize_row(x, r, wide, xq, xd, xs):
+    """Quantize float32 row ``x[r]`` per block of 32 (see the module's docstring): into ``xq`` (int8,
+    ``ACT_BYTES`` per block) as the parts ``q1`` then ``q2`` (``wide=False``, for q4_1) or as int16
+    ``2**8 * q1 + q2`` (``wide=True``, for q8_0); scales into ``xd``, scaled sums into ``xs``."""
     k = x.shape[1]
     nb = k // QK
+    x16 = xq.view(np.int16)
     for b in range(nb):
         base = b * QK
         amax = np.float32(0.0)
@@ -207,10 +225,19 @@ def quantize_row(x, r, xq, xd, xs):
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
         total = 0
+        dst = (r * nb + b) * ACT_BYTES
         for j in range(QK):
-            q = np.int32(np.rint(x[r, base + j] * inv))
-            xq[r * k + base + j] = q
+            v = x[r, base + j] * inv
+            q1 = np.rint(v)
+            q2 = min(max(np.int32(np.rint((v - q1) * np.float32(RESIDUAL_SCALE))), -127), 127)
+            q = np.int32(q1) * RESIDUAL_SCALE + q2
+            if wide:
+                x16[dst // 2 + j] = q
+            else:
+                xq[dst + j] = np.int32(q1)
+                xq[dst + QK + j] = q2
             total += q
+        d = d / np.float32(RESIDUAL_SCALE)
         xd[r * nb + b] = d
         xs[r * nb + b] = d * np.float32(total)
 
@@ -253,32 +280,33 @@ def matmul(q4, xq, xd, xs, m, wq, wd, wm, out):
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
-def quantize_activations(x):
-    """``x[M, K]`` float32 -> (int8 ``xq[M*K]``, scales ``xd[M*K/32]``, scaled sums ``xs``)."""
+def quantize_activations(x, wide):
+    """``x[M, K]`` float32 -> (``xq``: ``M * K/32 * ACT_BYTES`` bytes, scales ``xd[M*K/32]``, scaled sums ``xs``)."""
     m, k = x.shape
-    xq = np.empty(m * k, dtype=np.int8)
-    xd = np.empty(m * (k // QK), dtype=np.float32)
-    xs = np.empty(m * (k // QK), dtype=np.float32)
+    nb = k // QK
+    xq = np.empty(m * nb * ACT_BYTES, dtype=np.int8)
+    xd = np.empty(m * nb, dtype=np.float32)
+    xs = np.empty(m * nb, dtype=np.float32)
     if m >= PARALLEL_QUANT_ROWS:
         for r in prange(m):
-            quantize_row(x, r, xq, xd, xs)
+            quantize_row(x, r, wide, xq, xd, xs)
     else:  # a parallel region costs more than quantizing a few rows
         for r in range(m):
-            quantize_row(x, r, xq, xd, xs)
+            quantize_row(x, r, wide, xq, xd, xs)
     return xq, xd, xs
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def linear_q4_1(x, wq, wd, wm, out):
     """``out[M, N] = x @ W.T`` for float32 ``x[M, K]`` and packed q4_1 ``W``: one call per layer."""
-    xq, xd, xs = quantize_activations(x)
+    xq, xd, xs = quantize_activations(x, False)
     matmul(True, xq, xd, xs, x.shape[0], wq, wd, wm, out.reshape(-1))
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def linear_q8_0(x, wq, wd, out):
     """``out[M, N] = x @ W.T`` for float32 ``x[M, K]`` and packed q8_0 ``W``."""
-    xq, xd, xs = quantize_activations(x)
+    xq, xd, xs = quantize_activations(x, True)
     matmul(False, xq, xd, xs, x.shape[0], wq, wd, wd, out.reshape(-1))
 
 

@@ -80,7 +80,7 @@ def pack_for_kernels(fmt: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Te
     k = nb * QK
     scales = {name: t[name].view(n // 8, 8, nb).transpose(1, 2).contiguous() for name in ("d", "m") if name in t}
     if fmt == "q8_0":
-        qs = t["qs"].view(n // 8, 8, k // 4, 4).transpose(1, 2)
+        qs = t["qs"].view(n // 8, 8, k // 2, 2).transpose(1, 2)  # [group, 2 inputs, out, 2]
     else:
         nib = t["qs"].view(n, nb, QK // 2)
         q = torch.cat([nib & 15, nib >> 4], dim=-1).view(n // 8, 8, k // 8, 2, 4)  # [group, out, 8 inputs]

@@ -23,7 +23,7 @@ from .hf import safetensors_files
 logger = logging.getLogger("nbengine")
 
 #: Bump when the stored formats change.
-QUANT_VERSION = 2
+QUANT_VERSION = 3
 
 Layers = dict[str, tuple[str, dict[str, torch.Tensor]]]  # layer name -> (format, tensors)
 
