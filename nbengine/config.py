@@ -43,7 +43,6 @@ _KIND_NAMES = {"path": "a string path", "str": "a string", "int": "an integer", 
 NOT_BUILT_YET: dict[str, tuple[Any, str]] = {
     "trust_remote_code": (False, "nbengine runs its own code for the supported architectures and never runs "
                                  "code from the model folder"),
-    "disable_radix_cache": (True, "prefix caching is not built yet, so the radix cache stays off"),
 }
 _warned_not_built: set[str] = set()
 
@@ -64,7 +63,7 @@ class EngineConfig:
     chunked_prefill_size: int | None = None
     page_size: int = 16
     schedule_policy: str = "fcfs"
-    disable_radix_cache: bool = True
+    disable_radix_cache: bool = False  # True turns prefix caching (KV page reuse across requests) off
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None  # CUDA: decode graphs for batches up to this (default min(256, max running))
     attention_backend: str | None = None  # "triton" (default on CUDA) | "flash_attn" | "torch" (default on CPU)

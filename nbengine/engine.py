@@ -169,6 +169,12 @@ class Engine:
         return {**args, "model_path": str(self.model_dir), **info,
                 "default_sampling_params": dict(self._limits.sampling_defaults), "version": __version__}
 
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache (KV pages running requests hold stay theirs); later requests compute
+        their prompts from scratch. Returns True (SGLang's ``flush_cache`` reports success)."""
+        self._thread.call(self._thread.live_core().flush_cache)
+        return True
+
     def shutdown(self) -> None:
         """Stop the engine thread and free its model and KV memory. Safe to call twice."""
         self._finalizer()

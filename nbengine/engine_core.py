@@ -17,6 +17,8 @@ import torch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
+from .page_allocator import PageAllocator
+from .prefix_cache import PrefixCache
 from .request_output import RequestOutput
 from .sampler import SampleResult, Sampler
 from .scheduler import Scheduler
@@ -31,9 +33,12 @@ class EngineCore:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(config, model_dir)
-        self.pool = self.runner.pool
+        kv = self.runner.kv_cache
+        self.pool = PageAllocator(kv.num_pages, kv.page_size)
+        self.prefix_cache = None if config.disable_radix_cache else PrefixCache(self.pool)
         mc = self.runner.model_config
-        self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget)
+        self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget,
+                                   self.prefix_cache, kv.copy_page)
         eos = list(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -108,8 +113,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self._fault("runner", [it.seq for it in items])
         out, items = self.runner.run(items)
-        for it in items:
-            it.seq.num_computed += it.num_tokens
+        self.scheduler.advance(items)
         for it, (r0, n, pos) in zip(items, out.input_rows):
             if n:
                 self._guarded(it.seq, self._input_logprobs, it.seq, pos, out.logits[r0 : r0 + n])
@@ -263,8 +267,12 @@ class EngineCore:
             num_input_logprobs=len(seq.input_token_logprobs), num_input_top_logprobs=len(seq.input_top_logprobs))
 
     # ------------------------------------------------------------------ info
+    def flush_cache(self) -> int:
+        """Empty the prefix cache; returns how many cached pages were forgotten."""
+        return self.scheduler.flush_cache()
+
     def info(self) -> dict[str, Any]:
-        pool = self.pool
+        pool, sched = self.pool, self.scheduler
         return {
             "max_total_num_tokens": pool.capacity_tokens,
             "kv_pages_total": pool.capacity_pages,
@@ -276,6 +284,11 @@ class EngineCore:
             "num_waiting_reqs": len(self.scheduler.waiting),
             "num_finished_reqs": self.num_finished,
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_pages_cached": pool.num_evictable_pages,
+            "prefix_cache": self.prefix_cache is not None,
+            "cached_tokens_total": sched.cached_tokens_total,
+            "prompt_tokens_total": sched.prompt_tokens_total,
+            "cache_hit_rate": sched.cached_tokens_total / max(1, sched.prompt_tokens_total),
             "last_gen_throughput": self.last_gen_throughput,
             "max_running_requests": self.scheduler.max_running,
             "chunked_prefill_size": self.scheduler.token_budget,

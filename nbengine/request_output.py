@@ -24,6 +24,7 @@ class RequestOutput:
     ids_end: int
     finish_reason: dict[str, Any] | None
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (or a forked sample)
     index: int | None = None  # "index" of a streamed batch's chunk
     e2e_latency: float | None = None  # set on the final output
     num_retractions: int = 0
@@ -42,7 +43,7 @@ class RequestOutput:
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": end,
-            "cached_tokens": 0,
+            "cached_tokens": self.cached_tokens,
         }
         if self.e2e_latency is not None:
             meta["e2e_latency"] = self.e2e_latency

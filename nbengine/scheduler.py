@@ -59,6 +59,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # prefix-cache hit accounting over first admissions (get_server_info's cache_hit_rate)
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
         self.dropped: list[Sequence] = []  # sequences that can never fit in the pool; the caller ends them
 
     # ------------------------------------------------------------ queue ops
@@ -143,6 +146,9 @@ class Scheduler:
                 self._release(seq)
                 break
             self.waiting.popleft()
+            if seq.num_preemptions == 0:
+                self.prompt_tokens_total += len(seq.prompt_ids)
+                self.cached_tokens_total += seq.cached_tokens
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, seq.num_computed, n))
