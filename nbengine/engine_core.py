@@ -257,6 +257,7 @@ class EngineCore:
         return RequestOutput(
             rid=seq.rid, text=text, output_ids=seq.output_ids, ids_start=n_before if incremental else 0,
             ids_end=len(seq.output_ids), finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.cached_tokens,
             index=seq.index if seq.stream else None,
             e2e_latency=time.perf_counter() - seq.arrival if finished else None,
             num_retractions=seq.num_preemptions,
