@@ -14,6 +14,7 @@ from . import hooks
 from .config import EngineConfig, model_sampling_defaults
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
+from .hidden_states import HiddenStates
 from .loader.resolve import resolve_model_path
 from .models import check_architecture
 from .request_builder import Limits, RequestSpec, build_requests
@@ -199,7 +200,8 @@ class Engine:
     def _submit(self, specs: list[RequestSpec], single: bool, stream: bool, emit) -> list[str]:
         # every request of a batch call (a list, or n > 1) reports its "index", even a list of one
         seqs = [Sequence(rid=s.rid, prompt_ids=s.prompt_ids, params=s.params, emit=emit(i),
-                         index=None if single else i, stream=stream, logprob=s.logprob)
+                         index=None if single else i, stream=stream, logprob=s.logprob,
+                         hidden=HiddenStates("all", len(s.prompt_ids)) if s.hidden_states else None)
                 for i, s in enumerate(specs)]
         self._thread.post(self._thread.live_core().add, seqs)
         return [s.rid for s in specs]

@@ -117,6 +117,9 @@ class EngineCore:
         for it, (r0, n, pos) in zip(items, out.input_rows):
             if n:
                 self._guarded(it.seq, self._input_logprobs, it.seq, pos, out.logits[r0 : r0 + n])
+        for it, (r0, n, pos) in zip(items, out.hidden_at or ()):
+            if n:
+                self._guarded(it.seq, it.seq.hidden.take, pos, out.hidden[r0 : r0 + n])
         sampling = [(it.seq, r) for it, r in zip(items, out.sample_rows) if r >= 0 and not it.seq.finished]
         if not sampling:
             return
@@ -253,11 +256,16 @@ class EngineCore:
             seq.last_emitted_text = len(full)
         n_before = seq.last_emitted_tokens
         seq.last_emitted_tokens = len(seq.output_ids)
+        hidden = seq.hidden.states if seq.hidden is not None else None
+        h_before = seq.last_emitted_hidden if seq.stream else 0  # a stream's chunks carry the new states only
+        if hidden is not None:
+            seq.last_emitted_hidden = len(hidden)
         lp = seq.logprob
         return RequestOutput(
             rid=seq.rid, text=text, output_ids=seq.output_ids, ids_start=n_before if incremental else 0,
             ids_end=len(seq.output_ids), finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             cached_tokens=seq.cached_tokens,
+            hidden_states=hidden, hidden_start=h_before, hidden_end=len(hidden) if hidden is not None else 0,
             index=seq.index if seq.stream else None,
             e2e_latency=time.perf_counter() - seq.arrival if finished else None,
             num_retractions=seq.num_preemptions,

@@ -25,6 +25,7 @@ class RequestSpec:
     prompt_ids: list[int]
     params: SamplingParams
     logprob: LogprobRequest
+    hidden_states: bool = False  # return the final hidden states (meta_info["hidden_states"])
 
 
 @dataclass
@@ -68,11 +69,9 @@ def build_requests(
     """Returns the specs (prompt-major, ``i * n + j``) and whether the call was a single prompt."""
     if image_data is not None:
         raise ValueError("image_data was given, but this model has no vision encoder; pass text or input_ids only.")
-    if _any(return_hidden_states, "return_hidden_states"):
-        if not limits.enable_return_hidden_states:
-            raise ValueError("The engine is not configured to return the hidden states. "
-                             "Create it with Engine(..., enable_return_hidden_states=True).")
-        raise ValueError("return_hidden_states is not implemented yet in nbengine; leave it False.")
+    if _any(return_hidden_states, "return_hidden_states") and not limits.enable_return_hidden_states:
+        raise ValueError("The engine is not configured to return the hidden states. "
+                         "Create it with Engine(..., enable_return_hidden_states=True).")
     if prompt is None and input_ids is None:
         raise ValueError("Either text, input_ids or input_embeds should be provided.")
     if prompt is not None and input_ids is not None:
@@ -114,6 +113,8 @@ def build_requests(
     want_lp = [_flag(v, "return_logprob") for v in _per_prompt(return_logprob, num, "return_logprob")]
     starts = [_optional_int(v, "logprob_start_len") for v in _per_prompt(logprob_start_len, num, "logprob_start_len")]
     tops = [_optional_int(v, "top_logprobs_num") for v in _per_prompt(top_logprobs_num, num, "top_logprobs_num")]
+    hidden = [_flag(v, "return_hidden_states") for v in
+              _per_prompt(return_hidden_states, num, "return_hidden_states")]
     total = num * n
     rids = _rids(rid, total)
 
@@ -133,7 +134,7 @@ def build_requests(
             spj = sp
             if n > 1:
                 spj = dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j)
-            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp))
+            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i]))
     return specs, single
 
 

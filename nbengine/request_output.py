@@ -35,6 +35,10 @@ class RequestOutput:
     output_top_logprobs: list | None = None
     num_input_logprobs: int = 0
     num_input_top_logprobs: int = 0
+    # hidden states, when requested: the request's append-only list of host tensors and this output's slice
+    hidden_states: list | None = None
+    hidden_start: int = 0
+    hidden_end: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         start, end = self.ids_start, self.ids_end
@@ -55,6 +59,8 @@ class RequestOutput:
             if self.output_top_logprobs is not None:
                 meta["input_top_logprobs"] = self.input_top_logprobs[: self.num_input_top_logprobs]
                 meta["output_top_logprobs"] = self.output_top_logprobs[start:end]
+        if self.hidden_states is not None:  # SGLang's layout: nested lists of floats
+            meta["hidden_states"] = [h.tolist() for h in self.hidden_states[self.hidden_start : self.hidden_end]]
         out: dict[str, Any] = {"output_ids": self.output_ids[start:end], "meta_info": meta}
         if self.text is not None:
             out = {"text": self.text, **out}

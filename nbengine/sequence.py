@@ -59,6 +59,7 @@ class Sequence:
     detok: Any = None
     last_emitted_tokens: int = 0
     last_emitted_text: int = 0
+    last_emitted_hidden: int = 0
     input_lp_pos: int = 0  # next prompt position whose input logprob is still to compute
     # prefix sharing (scheduler.py / prefix_cache.py)
     cached_tokens: int = 0  # prompt tokens whose K/V were reused at admission (meta_info["cached_tokens"])
