@@ -14,6 +14,7 @@ from . import hooks
 from .config import EngineConfig, model_sampling_defaults
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
+from .grammar import GrammarBackend
 from .hidden_states import HiddenStates
 from .loader.resolve import resolve_model_path
 from .models import check_architecture
@@ -54,6 +55,7 @@ class Engine:
             skip_tokenizer_init=self.config.skip_tokenizer_init,
             enable_return_hidden_states=self.config.enable_return_hidden_states,
             sampling_defaults=defaults,
+            grammar=GrammarBackend(self.tokenizer, info["vocab_size"], info["eos_token_ids"]),
         )
         self._device = f'{info["device"]}, {info["dtype"]}'
         self._finalizer = weakref.finalize(self, self._thread.stop)
@@ -201,7 +203,8 @@ class Engine:
         # every request of a batch call (a list, or n > 1) reports its "index", even a list of one
         seqs = [Sequence(rid=s.rid, prompt_ids=s.prompt_ids, params=s.params, emit=emit(i),
                          index=None if single else i, stream=stream, logprob=s.logprob,
-                         hidden=HiddenStates("all", len(s.prompt_ids)) if s.hidden_states else None)
+                         hidden=HiddenStates("all", len(s.prompt_ids)) if s.hidden_states else None,
+                         grammar=self._limits.grammar.matcher(s.grammar) if s.grammar is not None else None)
                 for i, s in enumerate(specs)]
         self._thread.post(self._thread.live_core().add, seqs)
         return [s.rid for s in specs]

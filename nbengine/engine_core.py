@@ -16,6 +16,7 @@ import torch
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .grammar import MaskJob, apply_masks
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
 from .prefix_cache import PrefixCache
@@ -52,6 +53,8 @@ class EngineCore:
         self.max_request_tokens = min(self.runner.context_length, self.pool.capacity_tokens)
         # fault injection for tests: called as fault_hook(site, seqs) at "runner", "sampler", "detokenizer"
         self.fault_hook: Callable[[str, list[Sequence]], None] | None = None
+        self._masks: MaskJob | None = None  # the running step's grammar masks
+        self.mask_vocab = max(mc.vocab_size, tokenizer.vocab_size if tokenizer is not None else 0)
 
     # --------------------------------------------------------------- intake
     def add(self, seqs: list[Sequence]) -> None:
@@ -112,6 +115,16 @@ class EngineCore:
             return
         t0 = time.perf_counter()
         self._fault("runner", [it.seq for it in items])
+        # the grammar masks of this step's constrained samples are filled while the forward runs
+        self._masks = MaskJob([it.seq for it in items if it.samples and it.seq.grammar is not None],
+                              self.mask_vocab)
+        try:
+            self._run_and_sample(items, t0)
+        finally:
+            self._masks.result()  # never leave the helper thread touching a matcher after the step
+            self._masks = None
+
+    def _run_and_sample(self, items: list, t0: float) -> None:
         out, items = self.runner.run(items)
         self.scheduler.advance(items)
         for it, (r0, n, pos) in zip(items, out.input_rows):
@@ -150,8 +163,11 @@ class EngineCore:
         rows = [r for _, r in sampling]
         if logits.is_cuda and rows == list(range(len(rows))):
             # every logits row samples (GPU decodes): no gather and no host-to-device copy of the rows
-            return self.sampler(logits[: len(rows)], seqs)
-        return self.sampler(logits.index_select(0, torch.tensor(rows, device=logits.device)), seqs)
+            picked = logits[: len(rows)]
+        else:
+            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        apply_masks(picked, seqs, self._masks)
+        return self.sampler(picked, seqs)
 
     def _guarded(self, seq: Sequence, fn: Callable[..., None], *args: Any) -> None:
         """Run one request's own work; an error there ends that request only."""
@@ -189,6 +205,8 @@ class EngineCore:
             self._finish(seq, {"type": "length", "length": 0})
             return
         seq.output_ids.append(token)
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            raise RuntimeError(f"token {token} was sampled outside the request's grammar")
         if seq.logprob.return_logprob:
             seq.output_token_logprobs.append((lp, token, None))
             if seq.logprob.top_logprobs_num > 0:
@@ -198,7 +216,7 @@ class EngineCore:
             self._fault("detokenizer", [seq])
             seq.detok.add(token)
         n_out = len(seq.output_ids)
-        if is_stop_token:
+        if is_stop_token or (seq.grammar is not None and seq.grammar.is_terminated()):
             self._finish(seq, {"type": "stop", "matched": token})
         elif seq.detok is not None and seq.detok.matched_stop is not None:
             self._finish(seq, {"type": "stop", "matched": seq.detok.matched_stop})

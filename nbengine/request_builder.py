@@ -26,6 +26,7 @@ class RequestSpec:
     params: SamplingParams
     logprob: LogprobRequest
     hidden_states: bool = False  # return the final hidden states (meta_info["hidden_states"])
+    grammar: Any = None  # the compiled json_schema / regex / ebnf constraint (xgrammar), if any
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Limits:
     skip_tokenizer_init: bool
     enable_return_hidden_states: bool
     sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # under each request's params
+    grammar: Any = None  # GrammarBackend (grammar.py): compiles json_schema / regex / ebnf
 
     @property
     def max_request_tokens(self) -> int:
@@ -100,10 +102,10 @@ def build_requests(
     num = len(ids_list)
     params = _per_prompt(sampling_params, num, "sampling_params")
     sps = [SamplingParams.from_dict(_with_defaults(p, limits.sampling_defaults)) for p in params]
+    grammars = []
     for sp in sps:
         sp.verify(vocab_size=limits.vocab_size)
-        if sp.json_schema is not None or sp.regex is not None or sp.ebnf is not None:
-            raise ValueError("Structured output (json_schema / regex / ebnf) is not supported by nbengine yet.")
+        grammars.append(_compile_constraint(sp, limits))
     n = sps[0].n
     if any(sp.n != n for sp in sps):
         raise ValueError("With a list of sampling_params, every n must be equal.")
@@ -134,8 +136,20 @@ def build_requests(
             spj = sp
             if n > 1:
                 spj = dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j)
-            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i]))
+            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i], grammars[i]))
     return specs, single
+
+
+def _compile_constraint(sp: SamplingParams, limits: Limits) -> Any:
+    """The compiled json_schema / regex / ebnf of one request (None when unconstrained); raises ValueError here,
+    on the caller's thread, when it is malformed."""
+    for kind in ("json_schema", "regex", "ebnf"):
+        spec = getattr(sp, kind)
+        if spec is not None:
+            if limits.grammar is None:
+                raise ValueError("Structured output (json_schema / regex / ebnf) needs the engine's tokenizer.")
+            return limits.grammar.compile(kind, spec)
+    return None
 
 
 def _fit_context(ids: list[int], sp: SamplingParams, limits: Limits, idx: int | None) -> tuple[list[int], SamplingParams]:
