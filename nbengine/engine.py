@@ -206,6 +206,9 @@ class Engine:
                          hidden=HiddenStates("all", len(s.prompt_ids)) if s.hidden_states else None,
                          grammar=self._limits.grammar.matcher(s.grammar) if s.grammar is not None else None)
                 for i, s in enumerate(specs)]
+        for seq, s in zip(seqs, specs):
+            if s.fork_of is not None:
+                seq.fork_of = seqs[s.fork_of]
         self._thread.post(self._thread.live_core().add, seqs)
         return [s.rid for s in specs]
 

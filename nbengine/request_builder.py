@@ -27,6 +27,7 @@ class RequestSpec:
     logprob: LogprobRequest
     hidden_states: bool = False  # return the final hidden states (meta_info["hidden_states"])
     grammar: Any = None  # the compiled json_schema / regex / ebnf constraint (xgrammar), if any
+    fork_of: int | None = None  # n > 1: the index of the prompt's first sample, whose computed prompt this one shares
 
 
 @dataclass
@@ -136,7 +137,8 @@ def build_requests(
             spj = sp
             if n > 1:
                 spj = dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j)
-            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i], grammars[i]))
+            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i], grammars[i],
+                                     fork_of=i * n if j else None))
     return specs, single
 
 

@@ -196,3 +196,41 @@ def test_the_cuda_runner_reuses_cached_pages_through_its_page_table(tiny_llama):
     assert [o["output_ids"] for o in outs[True]] == [o["output_ids"] for o in outs[False]]
     assert sum(o["meta_info"]["cached_tokens"] for o in outs[False]) > 0 == info["kv_pages_used"]
     assert info["cached_tokens_total"] == sum(o["meta_info"]["cached_tokens"] for o in outs[False])
+
+
+# ---------------------------------------------------------------- n > 1: the samples share their prompt's pages
+def test_samples_of_one_prompt_share_its_full_pages_and_copy_the_partial_one():
+    copies = []
+    pool = PageAllocator(65, PS)
+    sched = Scheduler(pool, max_running=8, token_budget=256, copy_page=lambda s, d: copies.append((s, d)))
+    prompt = list(range(300, 310))  # two full pages and two tokens of a third
+    leader = _seq("s0", prompt)
+    forks = [_seq(f"s{j}", prompt) for j in (1, 2)]
+    for f in forks:
+        f.fork_of = leader
+    for s in (leader, *forks):
+        sched.add(s)
+    first = sched.schedule()
+    assert [(it.seq.rid, it.num_tokens) for it in first] == [("s0", 10)]  # the samples wait for the prompt
+    sched.advance(first)
+    leader.output_ids.append(7)
+    second = sched.schedule()
+    assert [(it.seq.rid, it.start, it.num_tokens) for it in second] == [("s0", 10, 1), ("s1", 9, 1), ("s2", 9, 1)]
+    assert all(f.pages[:2] == leader.pages[:2] and f.pages[2] != leader.pages[2] for f in forks)
+    assert copies == [(leader.pages[2], f.pages[2]) for f in forks]
+    assert [f.cached_tokens for f in forks] == [9, 9]
+    assert pool.num_used_pages == 3 + 2  # not 3 * 3
+    assert [pool.refcount[p] for p in leader.pages] == [3, 3, 1]
+
+
+def test_n_samples_are_seeded_reproducibly_and_greedy_ones_equal_a_single_run(tiny_llama):
+    prompt = PROMPTS[0][:10]
+    with Engine(str(tiny_llama), random_seed=0, page_size=PS, disable_radix_cache=True) as llm:
+        single = llm.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 6})
+        greedy = llm.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 6, "n": 3})
+        seeded = [llm.generate(input_ids=prompt, sampling_params={"temperature": 1.0, "max_new_tokens": 6, "n": 3,
+                                                                  "seed": 11}) for _ in range(2)]
+    assert [o["output_ids"] for o in greedy] == [single["output_ids"]] * 3
+    assert [o["meta_info"]["cached_tokens"] for o in greedy] == [0, 9, 9]
+    assert [o["output_ids"] for o in seeded[0]] == [o["output_ids"] for o in seeded[1]]
+    assert len({tuple(o["output_ids"]) for o in seeded[0]}) > 1  # each sample has its own seed
