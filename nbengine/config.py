@@ -34,6 +34,7 @@ _ARG_KINDS: dict[str, tuple[str, bool]] = {
     "incremental_streaming_output": ("bool", False), "allow_auto_truncate": ("bool", False),
     "stream_interval": ("int", False), "trust_remote_code": ("bool", False), "num_threads": ("int", True),
     "sampling_defaults": ("str", False), "quantization": ("str", True),
+    "enable_custom_logit_processor": ("bool", False),
 }
 _KIND_NAMES = {"path": "a string path", "str": "a string", "int": "an integer", "number": "a number",
                "bool": "True or False"}
@@ -71,6 +72,7 @@ class EngineConfig:
     tp_size: int = 1
     dp_size: int = 1
     enable_return_hidden_states: bool = False
+    enable_custom_logit_processor: bool = False  # allow generate(custom_logit_processor=...): runs caller code
     skip_tokenizer_init: bool = False
     log_level: str | None = None  # None: leave the "nbengine" logger as configured (WARNING if unset)
     incremental_streaming_output: bool = False

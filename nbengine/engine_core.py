@@ -17,6 +17,7 @@ import torch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .grammar import MaskJob, apply_masks
+from .logit_processor import apply_processors
 from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
 from .prefix_cache import PrefixCache
@@ -166,6 +167,11 @@ class EngineCore:
             picked = logits[: len(rows)]
         else:
             picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        for i, seq in enumerate(seqs):
+            if seq.label_ids is not None:  # score(): from the raw logits, before any processing
+                lps = torch.log_softmax(picked[i, : self.runner.model_config.vocab_size].float(), dim=-1)
+                seq.label_logprobs = lps[seq.label_ids].tolist()
+        apply_processors(picked, seqs)  # the request's own code first: it cannot lift a grammar's mask
         apply_masks(picked, seqs, self._masks)
         return self.sampler(picked, seqs)
 
@@ -274,7 +280,7 @@ class EngineCore:
             seq.last_emitted_text = len(full)
         n_before = seq.last_emitted_tokens
         seq.last_emitted_tokens = len(seq.output_ids)
-        hidden = seq.hidden.states if seq.hidden is not None else None
+        hidden = seq.hidden.states if seq.hidden is not None and seq.hidden.mode == "all" else None
         h_before = seq.last_emitted_hidden if seq.stream else 0  # a stream's chunks carry the new states only
         if hidden is not None:
             seq.last_emitted_hidden = len(hidden)
@@ -283,6 +289,8 @@ class EngineCore:
             rid=seq.rid, text=text, output_ids=seq.output_ids, ids_start=n_before if incremental else 0,
             ids_end=len(seq.output_ids), finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             cached_tokens=seq.cached_tokens,
+            token_text=self.tokenizer.token_text if lp.return_text and self.tokenizer is not None else None,
+            embedding=seq.hidden.embedding if seq.hidden is not None else None, label_logprobs=seq.label_logprobs,
             hidden_states=hidden, hidden_start=h_before, hidden_end=len(hidden) if hidden is not None else 0,
             index=seq.index if seq.stream else None,
             e2e_latency=time.perf_counter() - seq.arrival if finished else None,

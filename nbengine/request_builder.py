@@ -27,6 +27,9 @@ class RequestSpec:
     logprob: LogprobRequest
     hidden_states: bool = False  # return the final hidden states (meta_info["hidden_states"])
     grammar: Any = None  # the compiled json_schema / regex / ebnf constraint (xgrammar), if any
+    logit_processor: Any = None  # the loaded custom logit processor, if any
+    pooling: str | None = None  # encode(): "last" / "mean" pooled final hidden state of the prompt
+    label_ids: list[int] | None = None  # score(): report these tokens' next-token logprobs
     fork_of: int | None = None  # n > 1: the index of the prompt's first sample, whose computed prompt this one shares
 
 
@@ -42,6 +45,7 @@ class Limits:
     enable_return_hidden_states: bool
     sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # under each request's params
     grammar: Any = None  # GrammarBackend (grammar.py): compiles json_schema / regex / ebnf
+    enable_custom_logit_processor: bool = False
 
     @property
     def max_request_tokens(self) -> int:
@@ -68,6 +72,8 @@ def build_requests(
     top_logprobs_num: int | list[int] | None,
     return_hidden_states: bool | list[bool],
     rid: str | list[str] | None,
+    return_text_in_logprobs: bool = False,
+    custom_logit_processor: str | list[str | None] | None = None,
 ) -> tuple[list[RequestSpec], bool]:
     """Returns the specs (prompt-major, ``i * n + j``) and whether the call was a single prompt."""
     if image_data is not None:
@@ -75,6 +81,11 @@ def build_requests(
     if _any(return_hidden_states, "return_hidden_states") and not limits.enable_return_hidden_states:
         raise ValueError("The engine is not configured to return the hidden states. "
                          "Create it with Engine(..., enable_return_hidden_states=True).")
+    if not isinstance(return_text_in_logprobs, bool):
+        raise TypeError(f"return_text_in_logprobs must be True or False, got {return_text_in_logprobs!r}.")
+    if return_text_in_logprobs and tokenizer is None:
+        raise ValueError("return_text_in_logprobs needs the tokenizer; create the engine without "
+                         "skip_tokenizer_init=True.")
     if prompt is None and input_ids is None:
         raise ValueError("Either text, input_ids or input_embeds should be provided.")
     if prompt is not None and input_ids is not None:
@@ -118,6 +129,7 @@ def build_requests(
     tops = [_optional_int(v, "top_logprobs_num") for v in _per_prompt(top_logprobs_num, num, "top_logprobs_num")]
     hidden = [_flag(v, "return_hidden_states") for v in
               _per_prompt(return_hidden_states, num, "return_hidden_states")]
+    procs = _load_processors(custom_logit_processor, num, limits)
     total = num * n
     rids = _rids(rid, total)
 
@@ -132,14 +144,33 @@ def build_requests(
         top_k = tops[i] or 0
         if not 0 <= top_k <= limits.vocab_size:
             raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}] (the vocab size), got {top_k}.")
-        lp = LogprobRequest(bool(want_lp[i]), start, int(top_k))
+        lp = LogprobRequest(bool(want_lp[i]), start, int(top_k), return_text_in_logprobs)
         for j in range(n):
             spj = sp
             if n > 1:
                 spj = dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j)
-            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i], grammars[i],
+            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i], grammars[i], procs[i],
                                      fork_of=i * n if j else None))
     return specs, single
+
+
+def _load_processors(value: Any, num: int, limits: Limits) -> list[Any]:
+    """Each prompt's custom logit processor, loaded once per distinct string (the engine batches by processor)."""
+    per = _per_prompt(value, num, "custom_logit_processor")
+    if all(p is None for p in per):
+        return per
+    if not limits.enable_custom_logit_processor:
+        raise ValueError("The engine does not allow custom logit processors. Create it with "
+                         "Engine(..., enable_custom_logit_processor=True) (a processor runs the caller's code).")
+    from .logit_processor import CustomLogitProcessor
+
+    loaded: dict[str, Any] = {}
+    for p in per:
+        if p is not None and p not in loaded:
+            if not isinstance(p, str):
+                raise TypeError(f"custom_logit_processor must be the string YourProcessor.to_str(), got {p!r}.")
+            loaded[p] = CustomLogitProcessor.from_str(p)
+    return [None if p is None else loaded[p] for p in per]
 
 
 def _compile_constraint(sp: SamplingParams, limits: Limits) -> Any:

@@ -23,6 +23,7 @@ class LogprobRequest:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    return_text: bool = False  # fill the token text slot of logprob tuples (return_text_in_logprobs)
 
 
 @dataclass(eq=False)
