@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from nbengine.engine import Engine
 from nbengine.page_allocator import PageAllocator

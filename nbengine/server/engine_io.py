@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable
 
 from starlette.requests import Request
