@@ -65,3 +65,15 @@ def test_a_bad_constraint_is_refused_before_anything_is_enqueued(llm, params, ma
     info = llm.get_server_info()
     assert info["num_waiting_reqs"] == info["num_running_reqs"] == 0
     assert llm.generate("Hi", {"max_new_tokens": 3})["meta_info"]["completion_tokens"] == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_the_cuda_runner_applies_the_masks_on_the_device(default_model_dir):
+    with Engine(str(default_model_dir), random_seed=0, device="cuda") as gpu:
+        outs = gpu.generate(["Describe a person as JSON:"] * 8,
+                            {"temperature": 1.0, "max_new_tokens": 96, "json_schema": json.dumps(SCHEMA)})
+        phone = gpu.generate(["Call me at"] * 4, {"temperature": 1.0, "max_new_tokens": 30, "regex": r"\d{3}-\d{4}"})
+    for o in outs:
+        jsonschema.validate(json.loads(o["text"]), SCHEMA)
+    assert all(re.fullmatch(r"\d{3}-\d{4}", o["text"]) for o in phone)
