@@ -130,6 +130,10 @@ def build_requests(
     hidden = [_flag(v, "return_hidden_states") for v in
               _per_prompt(return_hidden_states, num, "return_hidden_states")]
     procs = _load_processors(custom_logit_processor, num, limits)
+    for sp, proc in zip(sps, procs):
+        if sp.custom_params is not None and proc is None:
+            raise ValueError("custom_params is only read by a custom logit processor: pass custom_logit_processor "
+                             "too, or drop custom_params.")
     total = num * n
     rids = _rids(rid, total)
 
