@@ -141,14 +141,15 @@ def test_logprobs_for_chat_and_completions(client):
 def test_response_format_json_schema_constrains_the_reply(client):
     jsonschema = pytest.importorskip("jsonschema")
     pytest.importorskip("xgrammar")
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
-              "required": ["city"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}  # at most ~20 tokens: never cut by max_tokens
     r = client.chat.completions.create(
-        model="smollm2", messages=MESSAGES, max_tokens=40, temperature=1.0, n=3,
+        model="smollm2", messages=MESSAGES, max_tokens=64, temperature=1.0, n=3,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
     for choice in r.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), schema)
-    r = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=40,
+    r = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=160, temperature=0,
                                        response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
     assert isinstance(json.loads(r.choices[0].message.content), dict)
