@@ -2,6 +2,8 @@
 
     python benchmarks/offline_throughput.py      # the whole comparison: 1x128, 32x64, 64x128, best of 3
     python benchmarks/offline_throughput.py --backend nbengine,hf --num-prompts 1 --output-len 128 --repeat 1
+    python benchmarks/offline_throughput.py --workload shared-prefix,constrained   # engine features (see
+                                                                                   # engine_features.py)
 
 Prints output tok/s per backend and nbengine's ratios to each peer, with the device, plus
 ``Engine()`` start and the first token of a 30-token prompt; writes JSON next to it.
@@ -155,7 +157,13 @@ def main() -> None:
                          "(shared CPUs are noisy: the best run is the least disturbed one)")
     ap.add_argument("--no-latency", action="store_true", help="skip the first-token measurement")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--workload", default=None,
+                    help="instead of the peer comparison: shared-prefix and/or constrained (comma-separated), "
+                         "nbengine only (see engine_features.py)")
+    ap.add_argument("--prefix-len", type=int, default=1000, help="shared-prefix: tokens of the shared prefix")
     args = ap.parse_args()
+    if args.workload:
+        return run_workloads(args)
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -222,6 +230,29 @@ def main() -> None:
                                           "load_average_1min": load,
                                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                                           "rows": rows, "latency": latency}, indent=2))
+
+
+def run_workloads(args) -> None:
+    import engine_features
+
+    from nbengine.loader.resolve import resolve_model_path
+    from nbengine.tokenizer import Tokenizer
+
+    names = [w.strip() for w in args.workload.split(",") if w.strip()]
+    if any(n not in ("shared-prefix", "constrained") for n in names):
+        raise SystemExit(f"unknown workload in {names}; choose shared-prefix and/or constrained")
+    args.num_prompts = args.num_prompts or 64
+    args.output_len = args.output_len or 64
+    tok = Tokenizer(resolve_model_path(args.model))
+    fns = {"shared-prefix": engine_features.shared_prefix, "constrained": engine_features.constrained}
+    results = {n: fns[n](args, tok, QUESTIONS) for n in names}
+    dev = device_name(args.device)
+    print(f"\ndevice: {dev}   {args.num_prompts} prompts x {args.output_len} new tokens   best of {args.repeat}")
+    for n, r in results.items():
+        print(engine_features.report(n, r))
+    out = Path(args.out).with_name(Path(args.out).stem + "_features.json")
+    out.write_text(json.dumps({"device": dev, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                               "results": results}, indent=2))
 
 
 def cpu_flags() -> list[str]:

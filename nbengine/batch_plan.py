@@ -30,6 +30,9 @@ class BatchPlan:
     # prompt position) of its input-logprob rows
     sample_rows: list[int] = field(default_factory=list)
     input_rows: list[tuple[int, int, int]] = field(default_factory=list)
+    # rows whose final hidden states requests asked for, and per item (first row in them, count, first position)
+    hidden_rows: list[int] = field(default_factory=list)
+    hidden_at: list[tuple[int, int, int]] = field(default_factory=list)
     num_decodes: int = 0
     has_pending: bool = False  # some ids are placeholders for tokens still being sampled (overlap)
     # vision models: (first row, [3, n] M-RoPE positions) of chunks holding image tokens, and
@@ -43,9 +46,10 @@ class BatchPlan:
 
     @property
     def is_plain_decode(self) -> bool:
-        """One new token per sequence, each sampled, no other logits: a CUDA graph can run it."""
+        """One new token per sequence, each sampled, no other logits, no hidden states asked for: a CUDA
+        graph can run it (a step that returns hidden states runs eagerly)."""
         b = len(self.seq_lens)
-        return self.num_decodes == b and len(self.logits_rows) == b
+        return self.num_decodes == b and len(self.logits_rows) == b and not self.hidden_rows
 
     @classmethod
     def build(cls, items: list[ScheduledSeq], page_size: int) -> "BatchPlan":
@@ -59,7 +63,7 @@ class BatchPlan:
             q_starts.append(row0)
             p, n_out = len(seq.prompt_ids), len(seq.output_ids)
             if (n == 1 and start + 1 == p + n_out + seq.num_pending and not seq.logprob.return_logprob
-                    and seq.mm is None):
+                    and seq.mm is None and seq.hidden is None):
                 # the common case, a decode (or a one-token last chunk), without the general path's lists
                 if seq.num_pending and start == p + n_out:
                     ids.append(-(seq.pending_row + 1))
@@ -72,6 +76,7 @@ class BatchPlan:
                 plan.seq_lens.append(start + 1)
                 plan.tables.append(seq.pages)
                 plan.input_rows.append((n_logits, 0, 0))
+                plan.hidden_at.append((0, 0, 0))
                 plan.logits_rows.append(row0)
                 plan.sample_rows.append(n_logits)  # the sequence's last token: it samples
                 n_logits += 1
@@ -91,6 +96,12 @@ class BatchPlan:
             plan.input_rows.append((n_logits, hi - lo, lo))
             plan.logits_rows.extend(range(row0 + lo - start, row0 + hi - start))
             n_logits += hi - lo
+            if seq.hidden is not None:
+                h_lo, h_hi = seq.hidden.rows(start, n)
+                plan.hidden_at.append((len(plan.hidden_rows), h_hi - h_lo, h_lo))
+                plan.hidden_rows.extend(range(row0 + h_lo - start, row0 + h_hi - start))
+            else:
+                plan.hidden_at.append((0, 0, 0))
             if it.samples:
                 plan.logits_rows.append(row0 + n - 1)
                 plan.sample_rows.append(n_logits)

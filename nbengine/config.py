@@ -35,6 +35,7 @@ _ARG_KINDS: dict[str, tuple[str, bool]] = {
     "incremental_streaming_output": ("bool", False), "allow_auto_truncate": ("bool", False),
     "stream_interval": ("int", False), "trust_remote_code": ("bool", False), "num_threads": ("int", True),
     "sampling_defaults": ("str", False), "quantization": ("str", True),
+    "enable_custom_logit_processor": ("bool", False),
 }
 _KIND_NAMES = {"path": "a string path", "str": "a string", "int": "an integer", "number": "a number",
                "bool": "True or False"}
@@ -44,7 +45,6 @@ _KIND_NAMES = {"path": "a string path", "str": "a string", "int": "an integer", 
 NOT_BUILT_YET: dict[str, tuple[Any, str]] = {
     "trust_remote_code": (False, "nbengine runs its own code for the supported architectures and never runs "
                                  "code from the model folder"),
-    "disable_radix_cache": (True, "prefix caching is not built yet, so the radix cache stays off"),
 }
 _warned_not_built: set[str] = set()
 
@@ -65,7 +65,7 @@ class EngineConfig:
     chunked_prefill_size: int | None = None
     page_size: int = 16
     schedule_policy: str = "fcfs"
-    disable_radix_cache: bool = True
+    disable_radix_cache: bool = False  # True turns prefix caching (KV page reuse across requests) off
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False  # True: read each step's sampled ids before scheduling the next
     cuda_graph_max_bs: int | None = None  # CUDA: decode graphs for batches up to this (default min(256, max running))
@@ -74,6 +74,7 @@ class EngineConfig:
     tp_size: int = 1
     dp_size: int = 1
     enable_return_hidden_states: bool = False
+    enable_custom_logit_processor: bool = False  # allow generate(custom_logit_processor=...): runs caller code
     skip_tokenizer_init: bool = False
     log_level: str | None = None  # None: leave the "nbengine" logger as configured (WARNING if unset)
     incremental_streaming_output: bool = False

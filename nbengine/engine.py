@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from . import hooks
+from . import scoring
+from .chat import conversation_ids
 from .config import EngineConfig, model_sampling_defaults
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
+from .grammar import GrammarBackend
+from .hidden_states import HiddenStates
 from .loader.resolve import resolve_model_path
 from .models import check_architecture
 from .multimodal import load_processor
@@ -57,7 +61,9 @@ class Engine:
             allow_auto_truncate=self.config.allow_auto_truncate,
             skip_tokenizer_init=self.config.skip_tokenizer_init,
             enable_return_hidden_states=self.config.enable_return_hidden_states,
+            enable_custom_logit_processor=self.config.enable_custom_logit_processor,
             sampling_defaults=defaults,
+            grammar=GrammarBackend(self.tokenizer, info["vocab_size"], info["eos_token_ids"]),
         )
         self._device = f'{info["device"]}, {info["dtype"]}'
         self._finalizer = weakref.finalize(self, self._thread.stop)
@@ -68,13 +74,18 @@ class Engine:
                  input_ids: list[int] | list[list[int]] | None = None, image_data: Any = None,
                  return_logprob: bool | list[bool] = False, logprob_start_len: int | list[int] | None = None,
                  top_logprobs_num: int | list[int] | None = None, return_hidden_states: bool | list[bool] = False,
-                 stream: bool = False, rid: str | list[str] | None = None
+                 stream: bool = False, rid: str | list[str] | None = None, return_text_in_logprobs: bool = False,
+                 custom_logit_processor: str | list[str | None] | None = None,
                  ) -> dict | list[dict] | Iterator[dict]:
         """Generate synchronously. Safe from any thread, including one running an event loop."""
         specs, single = self._build(prompt, sampling_params, input_ids, image_data, return_logprob,
-                                    logprob_start_len, top_logprobs_num, return_hidden_states, rid)
+                                    logprob_start_len, top_logprobs_num, return_hidden_states, rid,
+                                    return_text_in_logprobs, custom_logit_processor)
         if stream:
             return self._sync_stream(specs, single)
+        return self._run_sync(specs, single)
+
+    def _run_sync(self, specs: list[RequestSpec], single: bool) -> dict | list[dict]:
         q: queue.Queue = queue.Queue()
         rids = self._submit(specs, single, stream=False, emit=_queue_emit(q))
         got: deque = deque()
@@ -101,10 +112,13 @@ class Engine:
                              logprob_start_len: int | list[int] | None = None,
                              top_logprobs_num: int | list[int] | None = None,
                              return_hidden_states: bool | list[bool] = False, stream: bool = False,
-                             rid: str | list[str] | None = None) -> dict | list[dict] | AsyncIterator[dict]:
+                             rid: str | list[str] | None = None, return_text_in_logprobs: bool = False,
+                             custom_logit_processor: str | list[str | None] | None = None,
+                             ) -> dict | list[dict] | AsyncIterator[dict]:
         """Generate from a coroutine; with ``stream=True`` await it, then ``async for`` the chunks."""
         specs, single = self._build(prompt, sampling_params, input_ids, image_data, return_logprob,
-                                    logprob_start_len, top_logprobs_num, return_hidden_states, rid)
+                                    logprob_start_len, top_logprobs_num, return_hidden_states, rid,
+                                    return_text_in_logprobs, custom_logit_processor)
         if stream:
             return self._async_stream(specs, single)
         loop = asyncio.get_running_loop()
@@ -126,6 +140,49 @@ class Engine:
             if progress is not None:
                 progress.close()
         return results[0] if single else results
+
+    # ------------------------------------------------------- encode / score
+    def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+               pooling: str = "last", rid: str | list[str] | None = None) -> dict | list[dict]:
+        """The prompt's final hidden state (after the final norm): the last token's (``pooling="last"``) or the
+        mean over the prompt (``"mean"``), as ``{"embedding": [...], "meta_info": {...}}`` (a list for a list)."""
+        scoring.check_pooling(pooling)
+        specs, single = self._build(prompt, {"max_new_tokens": 0}, input_ids, None, False, None, None, False, rid)
+        for s in specs:
+            s.pooling = pooling
+        outs = self._run_sync(specs, single)
+        return scoring.embedding_output(outs) if single else [scoring.embedding_output(o) for o in outs]
+
+    def score(self, query: str | list[int], items: list[str] | list[list[int]], label_token_ids: list[int],
+              apply_softmax: bool = False, item_first: bool = False) -> list[list[float]]:
+        """For each item, the probabilities of ``label_token_ids`` as the next token after query + item (item +
+        query with ``item_first``); ``apply_softmax`` renormalises them over the labels. As SGLang's ``score``."""
+        labels = scoring.check_labels(label_token_ids, self._limits.vocab_size)
+        texts, ids = scoring.score_prompts(self.tokenizer, query, items, item_first)
+        specs, _ = self._build(texts, {"max_new_tokens": 0}, ids, None, False, None, None, False, None)
+        for s in specs:
+            s.label_ids = labels
+        outs = self._run_sync(specs, single=False)
+        return [scoring.label_scores(o["meta_info"]["label_token_logprobs"], apply_softmax) for o in outs]
+
+    # ------------------------------------------------------------------ chat
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: dict | list[dict] | None = None, *,
+             add_generation_prompt: bool = True, chat_template: str | None = None, tools: list[dict] | None = None,
+             stream: bool = False, **generate_kwargs: Any) -> dict | list[dict] | Iterator[dict]:
+        """``generate`` on a conversation (a list of ``{"role", "content"}`` dicts) or a list of them, rendered
+        with the model's chat template (``chat_template`` overrides it; ``tools`` reach the template). Takes
+        ``generate``'s other keyword arguments and returns the same output dicts."""
+        ids, single = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
+        return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream, **generate_kwargs)
+
+    async def async_chat(self, messages: list[dict] | list[list[dict]], sampling_params: dict | list[dict] | None = None,
+                         *, add_generation_prompt: bool = True, chat_template: str | None = None,
+                         tools: list[dict] | None = None, stream: bool = False,
+                         **generate_kwargs: Any) -> dict | list[dict] | AsyncIterator[dict]:
+        """``chat`` from a coroutine; with ``stream=True`` await it, then ``async for`` the chunks."""
+        ids, single = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
+        return await self.async_generate(input_ids=ids, sampling_params=sampling_params, stream=stream,
+                                         **generate_kwargs)
 
     def _sync_stream(self, specs: list[RequestSpec], single: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
@@ -191,6 +248,12 @@ class Engine:
             raise ValueError(f"seconds must be an int in [1, 60], got {seconds!r}.")
         return self._thread.live_core().stats.tokens_per_second(seconds)
 
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache (KV pages running requests hold stay theirs); later requests compute
+        their prompts from scratch. Returns True (SGLang's ``flush_cache`` reports success)."""
+        self._thread.call(self._thread.live_core().flush_cache)
+        return True
+
     def shutdown(self) -> None:
         """Stop the engine thread and free its model and KV memory. Safe to call twice."""
         self._finalizer()
@@ -207,17 +270,25 @@ class Engine:
 
     # ---------------------------------------------------------------- helpers
     def _build(self, prompt, sampling_params, input_ids, image_data, return_logprob, logprob_start_len,
-               top_logprobs_num, return_hidden_states, rid) -> tuple[list[RequestSpec], bool]:
+               top_logprobs_num, return_hidden_states, rid, return_text_in_logprobs=False,
+               custom_logit_processor=None) -> tuple[list[RequestSpec], bool]:
         self._thread.check()
         return build_requests(self.tokenizer, self._limits, prompt, sampling_params, input_ids, image_data,
                               return_logprob, logprob_start_len, top_logprobs_num, return_hidden_states, rid,
-                              processor=self.processor)
+                              return_text_in_logprobs, custom_logit_processor, processor=self.processor)
 
     def _submit(self, specs: list[RequestSpec], single: bool, stream: bool, emit) -> list[str]:
         # every request of a batch call (a list, or n > 1) reports its "index", even a list of one
         seqs = [Sequence(rid=s.rid, prompt_ids=s.prompt_ids, params=s.params, emit=emit(i),
-                         index=None if single else i, stream=stream, logprob=s.logprob, mm=s.mm)
+                         index=None if single else i, stream=stream, logprob=s.logprob,
+                         hidden=HiddenStates(s.pooling or "all", len(s.prompt_ids))
+                         if s.hidden_states or s.pooling else None, label_ids=s.label_ids,
+                         grammar=self._limits.grammar.matcher(s.grammar) if s.grammar is not None else None,
+                         logit_processor=s.logit_processor, mm=s.mm)
                 for i, s in enumerate(specs)]
+        for seq, s in zip(seqs, specs):
+            if s.fork_of is not None:
+                seq.fork_of = seqs[s.fork_of]
         self._thread.post(self._thread.live_core().add, seqs)
         return [s.rid for s in specs]
 

@@ -16,8 +16,12 @@ import torch
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .grammar import MaskJob, apply_masks
 from .inflight import HostIds, InFlightStep
+from .logit_processor import apply_processors
 from .model_runner import ModelRunner, StepLogits
+from .page_allocator import PageAllocator
+from .prefix_cache import PrefixCache
 from .request_output import RequestOutput
 from .request_stats import RequestStats
 from .sampler import SampleResult, Sampler
@@ -33,9 +37,12 @@ class EngineCore:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = ModelRunner(config, model_dir)
-        self.pool = self.runner.pool
+        kv = self.runner.kv_cache
+        self.pool = PageAllocator(kv.num_pages, kv.page_size)
+        self.prefix_cache = None if config.disable_radix_cache else PrefixCache(self.pool)
         mc = self.runner.model_config
-        self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget)
+        self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget,
+                                   self.prefix_cache, kv.copy_page)
         eos = list(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -57,6 +64,8 @@ class EngineCore:
         self.in_flight: InFlightStep | None = None
         self._outbox: dict[Any, list[tuple[Sequence, int, Any]]] | None = None  # a step's outputs, per caller
         self._host_ids = HostIds(self.runner.max_running, self.runner.device)
+        self._masks: MaskJob | None = None  # the running step's grammar masks
+        self.mask_vocab = max(mc.vocab_size, tokenizer.vocab_size if tokenizer is not None else 0)
 
     # --------------------------------------------------------------- intake
     def add(self, seqs: list[Sequence]) -> None:
@@ -139,9 +148,18 @@ class EngineCore:
             return
         t0 = time.perf_counter()
         self._fault("runner", [it.seq for it in items])
+        # the grammar masks of this step's constrained samples are filled while the forward runs
+        self._masks = MaskJob([it.seq for it in items if it.samples and it.seq.grammar is not None],
+                              self.mask_vocab)
+        try:
+            self._run_and_sample(items, prev, t0)
+        finally:
+            self._masks.result()  # never leave the helper thread touching a matcher after the step
+            self._masks = None
+
+    def _run_and_sample(self, items: list[ScheduledSeq], prev: InFlightStep | None, t0: float) -> None:
         out, items = self.runner.run(items, prev.ids if prev is not None else None)
-        for it in items:
-            it.seq.num_computed += it.num_tokens
+        self.scheduler.advance(items)
         if self.overlap and self._deferrable(items, out):
             sampling = [it.seq for it, r in zip(items, out.sample_rows) if r >= 0]
             try:
@@ -157,6 +175,9 @@ class EngineCore:
         for it, (r0, n, pos) in zip(items, out.input_rows):
             if n:
                 self._guarded(it.seq, self._input_logprobs, it.seq, pos, out.logits[r0 : r0 + n])
+        for it, (r0, n, pos) in zip(items, out.hidden_at or ()):
+            if n:
+                self._guarded(it.seq, it.seq.hidden.take, pos, out.hidden[r0 : r0 + n])
         sampling = [(it.seq, r) for it, r in zip(items, out.sample_rows) if r >= 0 and not it.seq.finished]
         if not sampling:
             return
@@ -171,6 +192,10 @@ class EngineCore:
         for it, (_, n, _) in zip(items, out.input_rows):
             seq, p = it.seq, it.seq.params
             if n or seq.logprob.return_logprob or p.has_penalties or len(seq.output_ids) < p.min_new_tokens:
+                return False
+            # grammar masks, custom processors, score labels and hidden states all work on the host each step
+            if seq.grammar is not None or seq.logit_processor is not None or seq.label_ids is not None \
+                    or seq.hidden is not None:
                 return False
         return True
 
@@ -205,8 +230,16 @@ class EngineCore:
         rows = [r for _, r in sampling]
         if logits.is_cuda and rows == list(range(len(rows))):
             # every logits row samples (GPU decodes): no gather and no host-to-device copy of the rows
-            return self.sampler(logits[: len(rows)], seqs)
-        return self.sampler(logits.index_select(0, torch.tensor(rows, device=logits.device)), seqs)
+            picked = logits[: len(rows)]
+        else:
+            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        for i, seq in enumerate(seqs):
+            if seq.label_ids is not None:  # score(): from the raw logits, before any processing
+                lps = torch.log_softmax(picked[i, : self.runner.model_config.vocab_size].float(), dim=-1)
+                seq.label_logprobs = lps[seq.label_ids].tolist()
+        apply_processors(picked, seqs)  # the request's own code first: it cannot lift a grammar's mask
+        apply_masks(picked, seqs, self._masks)
+        return self.sampler(picked, seqs)
 
     def _guarded(self, seq: Sequence, fn: Callable[..., None], *args: Any) -> None:
         """Run one request's own work; an error there ends that request only."""
@@ -246,6 +279,8 @@ class EngineCore:
         seq.output_ids.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            raise RuntimeError(f"token {token} was sampled outside the request's grammar")
         if seq.logprob.return_logprob:
             seq.output_token_logprobs.append((lp, token, None))
             if seq.logprob.top_logprobs_num > 0:
@@ -255,7 +290,7 @@ class EngineCore:
             self._fault("detokenizer", [seq])
             seq.detok.add(token)
         n_out = len(seq.output_ids)
-        if is_stop_token:
+        if is_stop_token or (seq.grammar is not None and seq.grammar.is_terminated()):
             self._finish(seq, {"type": "stop", "matched": token})
         elif seq.detok is not None and seq.detok.matched_stop is not None:
             self._finish(seq, {"type": "stop", "matched": seq.detok.matched_stop})
@@ -318,10 +353,18 @@ class EngineCore:
             seq.last_emitted_text = len(full)
         n_before = seq.last_emitted_tokens
         seq.last_emitted_tokens = len(seq.output_ids)
+        hidden = seq.hidden.states if seq.hidden is not None and seq.hidden.mode == "all" else None
+        h_before = seq.last_emitted_hidden if seq.stream else 0  # a stream's chunks carry the new states only
+        if hidden is not None:
+            seq.last_emitted_hidden = len(hidden)
         lp = seq.logprob
         return RequestOutput(
             rid=seq.rid, text=text, output_ids=seq.output_ids, ids_start=n_before if incremental else 0,
             ids_end=len(seq.output_ids), finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.cached_tokens,
+            token_text=self.tokenizer.token_text if lp.return_text and self.tokenizer is not None else None,
+            embedding=seq.hidden.embedding if seq.hidden is not None else None, label_logprobs=seq.label_logprobs,
+            hidden_states=hidden, hidden_start=h_before, hidden_end=len(hidden) if hidden is not None else 0,
             index=seq.index if seq.stream else None,
             e2e_latency=time.perf_counter() - seq.arrival if finished else None,
             num_retractions=seq.num_preemptions,
@@ -332,8 +375,12 @@ class EngineCore:
             num_input_logprobs=len(seq.input_token_logprobs), num_input_top_logprobs=len(seq.input_top_logprobs))
 
     # ------------------------------------------------------------------ info
+    def flush_cache(self) -> int:
+        """Empty the prefix cache; returns how many cached pages were forgotten."""
+        return self.scheduler.flush_cache()
+
     def info(self) -> dict[str, Any]:
-        pool = self.pool
+        pool, sched = self.pool, self.scheduler
         return {
             "max_total_num_tokens": pool.capacity_tokens,
             "kv_pages_total": pool.capacity_pages,
@@ -345,6 +392,11 @@ class EngineCore:
             "num_waiting_reqs": len(self.scheduler.waiting),
             "num_finished_reqs": self.num_finished,
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_pages_cached": pool.num_evictable_pages,
+            "prefix_cache": self.prefix_cache is not None,
+            "cached_tokens_total": sched.cached_tokens_total,
+            "prompt_tokens_total": sched.prompt_tokens_total,
+            "cache_hit_rate": sched.cached_tokens_total / max(1, sched.prompt_tokens_total),
             "last_gen_throughput": self.last_gen_throughput,
             **self.stats.info(),
             "max_running_requests": self.scheduler.max_running,

@@ -19,7 +19,7 @@ from .batch_plan import BatchPlan
 from .config import EngineConfig, ModelConfig
 from .cuda_graph import CudaGraphRunner
 from .forward_batch import ForwardBatch
-from .kv_cache import KVPool
+from .kv_cache import KVCache
 from .layers.cpu_threads import omp_team
 from .layers.ops import Ops, build_ops, choose_backend
 from .loader.hf import iter_weights
@@ -56,6 +56,8 @@ class StepLogits:
     logits: torch.Tensor  # [R, V] float32, rows as listed in ``rows``
     sample_rows: list[int]  # for each scheduled item that samples: its row in ``logits`` (else -1)
     input_rows: list[tuple[int, int, int]]  # per item: (first logits row, count, first prompt position)
+    hidden: torch.Tensor | None = None  # [K, hidden] float32 on the host: the final states requests asked for
+    hidden_at: list[tuple[int, int, int]] | None = None  # per item: (first row in ``hidden``, count, first position)
 
 
 @dataclass
@@ -113,7 +115,7 @@ class ModelRunner:
                                         self.device, fixed_width=backend == "flash_attn")
         if self.device.type == "cuda" and self.ops.uses_triton:
             self._warm_up()  # compiles every kernel before the pool takes the free memory
-        self.pool = self._make_pool()  # the one place the KV pool is sized
+        self.kv_cache = self._make_pool()  # the one place the KV pool is sized
         self.graphs = self._capture_graphs()
 
     # ------------------------------------------------------------------ sizes
@@ -155,10 +157,10 @@ class ModelRunner:
                                                                                 mc.head_dim),
                                    add_rms_norm=ew.add_rms_norm, silu_and_mul=ew.silu_and_mul, rope_store=ew.rope_store)
 
-    def _make_pool(self) -> KVPool:
+    def _make_pool(self) -> KVCache:
         """The KV pool, sized by the rule in :mod:`nbengine.memory` (after the warm-up, before graph capture)."""
         mc, cfg = self.model_config, self.config
-        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        per_token = KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         reading = read_cuda_memory(self.device) if self.device.type == "cuda" else read_host_memory()
         if cfg.max_total_tokens:
             tokens = cfg.max_total_tokens
@@ -168,7 +170,7 @@ class ModelRunner:
                                     fraction=cfg.mem_fraction_static, min_tokens=min(self.context_length, 2048),
                                     cap_tokens=self.max_running * self.context_length)
         pages = max(2, tokens // cfg.page_size + 1)
-        pool = KVPool(pages, cfg.page_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        pool = KVCache(pages, cfg.page_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", pages, cfg.page_size,
                     pages * cfg.page_size * per_token / 2**20)
         if pool.capacity_tokens < self.context_length:
@@ -183,7 +185,7 @@ class ModelRunner:
         mc, ps = self.model_config, self.config.page_size
         lens = [(1, 3), (1, 40), (70, 70), (5, 300)]  # (new tokens, context) per sequence
         pages_per = [-(-ctx // ps) for _, ctx in lens]
-        scratch = KVPool(sum(pages_per) + 1, ps, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        scratch = KVCache(sum(pages_per) + 1, ps, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
         plan, first = BatchPlan(ps), 1
         for (n, ctx), np_ in zip(lens, pages_per):
             pages = list(range(first, first + np_))
@@ -227,7 +229,7 @@ class ModelRunner:
         return graphs
 
     def _graph_forward(self, fb: ForwardBatch, logits_out: torch.Tensor) -> None:
-        hidden = self.model(fb.input_ids, fb.positions, fb, self.pool.kv)
+        hidden = self.model(fb.input_ids, fb.positions, fb, self.kv_cache.kv)
         self.model.compute_logits(hidden, out=logits_out)
 
     # ------------------------------------------------------------------ a step
@@ -245,6 +247,7 @@ class ModelRunner:
             if pending is None:
                 raise RuntimeError("a step feeds tokens still being sampled, but no step is in flight")
             fill = lambda ids: _fill_pending(ids, pending)  # noqa: E731
+        hidden = None
         if self.graphs is not None and self.graphs.can_run(plan):
             logits = self.graphs.replay(plan, fill)
             self.times.graph_steps += 1
@@ -252,13 +255,16 @@ class ModelRunner:
             fb = plan.attach_multimodal(self.prepare(plan), self.device)
             if fill is not None:
                 fill(fb.input_ids)
-            logits = self.launch(fb, self.pool.kv)
+            keep = torch.tensor(plan.hidden_rows, dtype=torch.long, device=self.device) if plan.hidden_rows else None
+            logits, hidden = self.launch(fb, self.kv_cache.kv, keep)
+            if hidden is not None:
+                hidden = hidden.float().cpu()
             for it in items:  # a prompt's image embeddings are not needed once its image tokens are in the cache
                 if it.seq.mm is not None and it.start + it.num_tokens >= it.seq.mm.end:
                     it.seq.release_images()
         self.times.steps += 1
         self.times.host_s += time.perf_counter() - t0
-        return StepLogits(logits, plan.sample_rows, plan.input_rows), items
+        return StepLogits(logits, plan.sample_rows, plan.input_rows, hidden, plan.hidden_at), items
 
     def _encode_images(self, items: list[ScheduledSeq]) -> None:
         """Run the vision tower once per request, on the first step that computes one of its image tokens."""
@@ -275,15 +281,18 @@ class ModelRunner:
         omp_team.begin_step(fb.num_tokens)
         return fb
 
-    def launch(self, fb: ForwardBatch, kv: list[torch.Tensor]) -> torch.Tensor:
-        """The model over ``fb``: float32 logits of its ``logits_rows``."""
+    def launch(self, fb: ForwardBatch, kv: list[torch.Tensor], keep_rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model over ``fb``: float32 logits of its ``logits_rows``, and the final hidden states of
+        ``keep_rows`` (None when not asked)."""
         hidden = self.model(fb.input_ids, fb.positions, fb, kv)
-        return self.model.compute_logits(hidden.index_select(0, fb.logits_rows))
+        logits = self.model.compute_logits(hidden.index_select(0, fb.logits_rows))
+        return logits, hidden.index_select(0, keep_rows) if keep_rows is not None else None
 
     def release(self) -> None:
         self.graphs = None
         self.buffers = None
-        self.pool.release()
+        self.kv_cache.release()
         del self.model
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -25,6 +25,12 @@ class RequestSpec:
     prompt_ids: list[int]
     params: SamplingParams
     logprob: LogprobRequest
+    hidden_states: bool = False  # return the final hidden states (meta_info["hidden_states"])
+    grammar: Any = None  # the compiled json_schema / regex / ebnf constraint (xgrammar), if any
+    logit_processor: Any = None  # the loaded custom logit processor, if any
+    pooling: str | None = None  # encode(): "last" / "mean" pooled final hidden state of the prompt
+    label_ids: list[int] | None = None  # score(): report these tokens' next-token logprobs
+    fork_of: int | None = None  # n > 1: the index of the prompt's first sample, whose computed prompt this one shares
     mm: Any = None  # MultimodalInputs of a request with images
 
 
@@ -39,6 +45,8 @@ class Limits:
     skip_tokenizer_init: bool
     enable_return_hidden_states: bool
     sampling_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)  # under each request's params
+    grammar: Any = None  # GrammarBackend (grammar.py): compiles json_schema / regex / ebnf
+    enable_custom_logit_processor: bool = False
 
     @property
     def max_request_tokens(self) -> int:
@@ -65,6 +73,8 @@ def build_requests(
     top_logprobs_num: int | list[int] | None,
     return_hidden_states: bool | list[bool],
     rid: str | list[str] | None,
+    return_text_in_logprobs: bool = False,
+    custom_logit_processor: str | list[str | None] | None = None,
     processor: Any = None,
 ) -> tuple[list[RequestSpec], bool]:
     """Returns the specs (prompt-major, ``i * n + j``) and whether the call was a single prompt.
@@ -73,11 +83,14 @@ def build_requests(
     if image_data is not None and processor is None:
         raise ValueError("image_data was given, but this model has no vision encoder; pass text or input_ids only "
                          "(or load a vision-language model such as Qwen2.5-VL).")
-    if _any(return_hidden_states, "return_hidden_states"):
-        if not limits.enable_return_hidden_states:
-            raise ValueError("The engine is not configured to return the hidden states. "
-                             "Create it with Engine(..., enable_return_hidden_states=True).")
-        raise ValueError("return_hidden_states is not implemented yet in nbengine; leave it False.")
+    if _any(return_hidden_states, "return_hidden_states") and not limits.enable_return_hidden_states:
+        raise ValueError("The engine is not configured to return the hidden states. "
+                         "Create it with Engine(..., enable_return_hidden_states=True).")
+    if not isinstance(return_text_in_logprobs, bool):
+        raise TypeError(f"return_text_in_logprobs must be True or False, got {return_text_in_logprobs!r}.")
+    if return_text_in_logprobs and tokenizer is None:
+        raise ValueError("return_text_in_logprobs needs the tokenizer; create the engine without "
+                         "skip_tokenizer_init=True.")
     if prompt is None and input_ids is None:
         raise ValueError("Either text, input_ids or input_embeds should be provided.")
     if prompt is not None and input_ids is not None:
@@ -112,10 +125,10 @@ def build_requests(
             ids_list[i], mms[i] = processor.process(ids_list[i], images[i], where)
     params = _per_prompt(sampling_params, num, "sampling_params")
     sps = [SamplingParams.from_dict(_with_defaults(p, limits.sampling_defaults)) for p in params]
+    grammars = []
     for sp in sps:
         sp.verify(vocab_size=limits.vocab_size)
-        if sp.json_schema is not None or sp.regex is not None or sp.ebnf is not None:
-            raise ValueError("Structured output (json_schema / regex / ebnf) is not supported by nbengine yet.")
+        grammars.append(_compile_constraint(sp, limits))
     n = sps[0].n
     if any(sp.n != n for sp in sps):
         raise ValueError("With a list of sampling_params, every n must be equal.")
@@ -125,6 +138,13 @@ def build_requests(
     want_lp = [_flag(v, "return_logprob") for v in _per_prompt(return_logprob, num, "return_logprob")]
     starts = [_optional_int(v, "logprob_start_len") for v in _per_prompt(logprob_start_len, num, "logprob_start_len")]
     tops = [_optional_int(v, "top_logprobs_num") for v in _per_prompt(top_logprobs_num, num, "top_logprobs_num")]
+    hidden = [_flag(v, "return_hidden_states") for v in
+              _per_prompt(return_hidden_states, num, "return_hidden_states")]
+    procs = _load_processors(custom_logit_processor, num, limits)
+    for sp, proc in zip(sps, procs):
+        if sp.custom_params is not None and proc is None:
+            raise ValueError("custom_params is only read by a custom logit processor: pass custom_logit_processor "
+                             "too, or drop custom_params.")
     total = num * n
     rids = _rids(rid, total)
 
@@ -142,13 +162,14 @@ def build_requests(
         top_k = tops[i] or 0
         if not 0 <= top_k <= limits.vocab_size:
             raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}] (the vocab size), got {top_k}.")
-        lp = LogprobRequest(bool(want_lp[i]), start, int(top_k))
+        lp = LogprobRequest(bool(want_lp[i]), start, int(top_k), return_text_in_logprobs)
         for j in range(n):
             spj = sp
             if n > 1:
                 spj = dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j)
             mm = dataclasses.replace(mms[i]) if mms[i] is not None else None  # own embeddings cache
-            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, mm))
+            specs.append(RequestSpec(rids[i * n + j], list(ids), spj, lp, hidden[i], grammars[i], procs[i],
+                                     fork_of=i * n if j else None, mm=mm))
     return specs, single
 
 
@@ -167,6 +188,37 @@ def _images_per_prompt(image_data: Any, num: int, single: bool) -> list[list[Any
         raise ValueError(f"With {num} prompts, image_data must be a list of {num} entries (None, an image or a list "
                          f"of images per prompt); got {got}.")
     return [as_list(item) for item in image_data]
+
+
+def _load_processors(value: Any, num: int, limits: Limits) -> list[Any]:
+    """Each prompt's custom logit processor, loaded once per distinct string (the engine batches by processor)."""
+    per = _per_prompt(value, num, "custom_logit_processor")
+    if all(p is None for p in per):
+        return per
+    if not limits.enable_custom_logit_processor:
+        raise ValueError("The engine does not allow custom logit processors. Create it with "
+                         "Engine(..., enable_custom_logit_processor=True) (a processor runs the caller's code).")
+    from .logit_processor import CustomLogitProcessor
+
+    loaded: dict[str, Any] = {}
+    for p in per:
+        if p is not None and p not in loaded:
+            if not isinstance(p, str):
+                raise TypeError(f"custom_logit_processor must be the string YourProcessor.to_str(), got {p!r}.")
+            loaded[p] = CustomLogitProcessor.from_str(p)
+    return [None if p is None else loaded[p] for p in per]
+
+
+def _compile_constraint(sp: SamplingParams, limits: Limits) -> Any:
+    """The compiled json_schema / regex / ebnf of one request (None when unconstrained); raises ValueError here,
+    on the caller's thread, when it is malformed."""
+    for kind in ("json_schema", "regex", "ebnf"):
+        spec = getattr(sp, kind)
+        if spec is not None:
+            if limits.grammar is None:
+                raise ValueError("Structured output (json_schema / regex / ebnf) needs the engine's tokenizer.")
+            return limits.grammar.compile(kind, spec)
+    return None
 
 
 def _fit_context(ids: list[int], sp: SamplingParams, limits: Limits, idx: int | None) -> tuple[list[int], SamplingParams]:

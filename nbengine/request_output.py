@@ -10,7 +10,7 @@ caller's thread is exactly what the engine saw when it emitted the chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -24,6 +24,7 @@ class RequestOutput:
     ids_end: int
     finish_reason: dict[str, Any] | None
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (or a forked sample)
     index: int | None = None  # "index" of a streamed batch's chunk
     e2e_latency: float | None = None  # set on the final output
     num_retractions: int = 0
@@ -34,6 +35,13 @@ class RequestOutput:
     output_top_logprobs: list | None = None
     num_input_logprobs: int = 0
     num_input_top_logprobs: int = 0
+    # hidden states, when requested: the request's append-only list of host tensors and this output's slice
+    hidden_states: list | None = None
+    hidden_start: int = 0
+    hidden_end: int = 0
+    embedding: Any = None  # encode(): the pooled final hidden state (a host tensor)
+    label_logprobs: list[float] | None = None  # score(): next-token logprobs of the label tokens
+    token_text: Callable[[int], str] | None = None  # return_text_in_logprobs: fills the tuples' text slot
 
     def to_dict(self) -> dict[str, Any]:
         start, end = self.ids_start, self.ids_end
@@ -42,21 +50,36 @@ class RequestOutput:
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": end,
-            "cached_tokens": 0,
+            "cached_tokens": self.cached_tokens,
         }
         if self.e2e_latency is not None:
             meta["e2e_latency"] = self.e2e_latency
         if self.num_retractions:
             meta["num_retractions"] = self.num_retractions
         if self.output_token_logprobs is not None:
-            meta["input_token_logprobs"] = self.input_token_logprobs[: self.num_input_logprobs]
-            meta["output_token_logprobs"] = self.output_token_logprobs[start:end]
+            text = self.token_text
+            meta["input_token_logprobs"] = _texts(self.input_token_logprobs[: self.num_input_logprobs], text)
+            meta["output_token_logprobs"] = _texts(self.output_token_logprobs[start:end], text)
             if self.output_top_logprobs is not None:
-                meta["input_top_logprobs"] = self.input_top_logprobs[: self.num_input_top_logprobs]
-                meta["output_top_logprobs"] = self.output_top_logprobs[start:end]
+                meta["input_top_logprobs"] = [None if p is None else _texts(p, text)
+                                              for p in self.input_top_logprobs[: self.num_input_top_logprobs]]
+                meta["output_top_logprobs"] = [_texts(p, text) for p in self.output_top_logprobs[start:end]]
+        if self.label_logprobs is not None:
+            meta["label_token_logprobs"] = self.label_logprobs
+        if self.hidden_states is not None:  # SGLang's layout: nested lists of floats
+            meta["hidden_states"] = [h.tolist() for h in self.hidden_states[self.hidden_start : self.hidden_end]]
         out: dict[str, Any] = {"output_ids": self.output_ids[start:end], "meta_info": meta}
         if self.text is not None:
             out = {"text": self.text, **out}
         if self.index is not None:
             out["index"] = self.index
+        if self.embedding is not None:
+            out["embedding"] = self.embedding.tolist()
         return out
+
+
+def _texts(tuples: list, token_text: Callable[[int], str] | None) -> list:
+    """``(logprob, token_id, text)`` tuples with the text filled in when ``token_text`` is given."""
+    if token_text is None:
+        return tuples
+    return [(lp, t, token_text(t)) for lp, t, _ in tuples]

@@ -38,6 +38,7 @@ class SamplingParams:
     ebnf: str | None = None
     logit_bias: dict[int, float] | None = None
     stream_interval: int | None = None
+    custom_params: dict[str, Any] | None = None  # handed to the request's custom logit processor
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -87,6 +88,8 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            raise ValueError(f"custom_params must be a dict, got {self.custom_params!r}.")
         for name in ("json_schema", "regex", "ebnf"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

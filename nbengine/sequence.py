@@ -23,6 +23,7 @@ class LogprobRequest:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    return_text: bool = False  # fill the token text slot of logprob tuples (return_text_in_logprobs)
 
 
 @dataclass(eq=False)
@@ -30,7 +31,8 @@ class Sequence:
     """Prompt + generated tokens, KV pages and the output sink of one request.
 
     ``num_computed`` counts the tokens whose K/V are in the cache; the tokens still to run
-    are ``tokens(num_computed, num_tokens)``. Preemption resets ``num_computed`` to 0 and frees pages.
+    are ``tokens(num_computed, num_tokens)``. Preemption resets ``num_computed`` to 0 and drops the
+    sequence's page references. ``pages`` may be shared with other sequences (prefix cache, forks).
     """
 
     rid: str
@@ -59,11 +61,22 @@ class Sequence:
     detok: Any = None
     last_emitted_tokens: int = 0
     last_emitted_text: int = 0
+    last_emitted_hidden: int = 0
     input_lp_pos: int = 0  # next prompt position whose input logprob is still to compute
     # overlap scheduling: tokens sampled on the device but not read yet (0-2), and the row of the newest
     # one in its step's sampled ids; a step scheduled meanwhile feeds it as the placeholder ``-(row + 1)``
     num_pending: int = 0
     pending_row: int = -1
+    # prefix sharing (scheduler.py / prefix_cache.py)
+    cached_tokens: int = 0  # prompt tokens whose K/V were reused at admission (meta_info["cached_tokens"])
+    page_uids: list[int] = field(default_factory=list)  # prefix-cache node of each registered full page
+    fork_of: "Sequence | None" = None  # n > 1: the sample whose computed prompt this one forks
+    hidden: Any = None  # HiddenStates (hidden_states.py) when hidden states or an embedding are asked for
+    # logits-side state (logits_pipeline.py): grammar matcher, custom processor, score labels
+    grammar: Any = None
+    logit_processor: Any = None
+    label_ids: list[int] | None = None
+    label_logprobs: list[float] | None = None
     mm: Any = None  # MultimodalInputs of a request with images (its image embeddings are cached on it)
 
     def release_images(self) -> None:
@@ -83,6 +96,37 @@ class Sequence:
         if start >= p:
             return self.output_ids[start - p : end - p]
         return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    def cacheable_tokens(self) -> int:
+        """How many leading tokens have K/V computed under ids known on the host: pages within them may be
+        registered in the prefix cache. Not a token still on the device (overlap), nor anything from a
+        request's first image token on (image tokens share one id, whatever the image)."""
+        n = min(self.num_computed, len(self.prompt_ids) + len(self.output_ids))
+        if self.mm is not None and self.mm.spans:
+            n = min(n, self.mm.spans[0][0])
+        return n
+
+    def reuse_limit(self) -> int:
+        """How many leading tokens may take their K/V from the prefix cache: all but the last one (its logits
+        are needed), and none whose input logprobs or hidden states this request still has to compute."""
+        limit = self.num_tokens - 1
+        lp = self.logprob
+        if lp.return_logprob and not self.output_ids:
+            limit = min(limit, max(max(lp.logprob_start_len, 1) - 1, self.input_lp_pos))
+        if self.hidden is not None:
+            limit = min(limit, self.hidden.first_needed)
+        if self.mm is not None and self.mm.spans:  # cached pages never hold image tokens (see cacheable_tokens)
+            limit = min(limit, self.mm.spans[0][0])
+        return limit
+
+    def copy_prompt_results(self, leader: "Sequence") -> None:
+        """A forked sample takes what its leader computed over their shared prompt: input logprobs, hidden states."""
+        if self.logprob.return_logprob:
+            self.input_token_logprobs = list(leader.input_token_logprobs)
+            self.input_top_logprobs = list(leader.input_top_logprobs)
+            self.input_lp_pos = leader.input_lp_pos
+        if self.hidden is not None and leader.hidden is not None:
+            self.hidden.fork(leader.hidden, self.num_computed)
 
     @property
     def num_tokens(self) -> int:

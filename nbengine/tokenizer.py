@@ -45,6 +45,16 @@ class Tokenizer:
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token_id = self.token_to_id(self.eos_token) if self.eos_token else None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True) if self._tok else len(self._hf)
+        self._token_text: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token (the third element of logprob tuples), cached."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.decode([token_id], skip_special_tokens=False)
+            if len(self._token_text) < 1 << 17:
+                self._token_text[token_id] = text
+        return text
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token) if self._tok else self._hf.convert_tokens_to_ids(token)

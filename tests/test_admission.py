@@ -6,10 +6,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from nbengine.engine import Engine
-from nbengine.kv_cache import KVPool
+from nbengine.page_allocator import PageAllocator
 from nbengine.sampling_params import SamplingParams
 from nbengine.scheduler import Scheduler
 from nbengine.sequence import Sequence, SeqStatus
@@ -90,9 +89,8 @@ def test_several_capped_requests_share_a_small_pool_and_all_finish(small_pool):
 
 
 # ---------------------------------------------------------------- the scheduler alone
-def _pool(capacity_pages: int, page_size: int) -> KVPool:
-    return KVPool(capacity_pages + 1, page_size, num_layers=1, num_kv_heads=1, head_dim=2,
-                  dtype=torch.float32, device=torch.device("cpu"))
+def _pool(capacity_pages: int, page_size: int) -> PageAllocator:
+    return PageAllocator(capacity_pages + 1, page_size)
 
 
 def _seq(rid: str, prompt_len: int, max_new_tokens: int) -> Sequence:

@@ -71,6 +71,7 @@ _SAMPLING_PLAUSIBLE = {  # per key: values of its own type, in range or just out
     "json_schema": st.none() | st.text(max_size=8), "regex": st.none() | st.text(max_size=8),
     "ebnf": st.none() | st.text(max_size=8), "stream_interval": _ints(0, 5) | st.none(),
     "logit_bias": st.dictionaries(_ints(-1, VOCAB) | _ints(0, 100).map(str), _floats(-10, 10), max_size=3),
+    "custom_params": st.none() | st.dictionaries(st.text(max_size=4), _ints(0, 5), max_size=2),
 }
 known_sampling = st.lists(st.sampled_from(SAMPLING_KEYS).flatmap(
     lambda k: st.tuples(st.just(k), _mostly(_SAMPLING_PLAUSIBLE[k], nasty | values, one_in=3))), max_size=5).map(dict)
@@ -210,6 +211,7 @@ _PLAUSIBLE = {  # per argument: values of its own type, in range or not; arbitra
     "mem_fraction_static": st.floats(min_value=-0.5, max_value=1.5) | st.none(),
 }
 _BOOLS = {"disable_radix_cache", "disable_cuda_graph", "enable_return_hidden_states", "skip_tokenizer_init",
+          "enable_custom_logit_processor",
           "incremental_streaming_output", "allow_auto_truncate", "trust_remote_code"}
 
 

@@ -1,4 +1,4 @@
-"""Continuous batching: the Scheduler + KVPool on fake sequences, and preemption end to end."""
+"""Continuous batching: the Scheduler + PageAllocator on fake sequences, and preemption end to end."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from nbengine.engine import Engine
-from nbengine.kv_cache import KVPool
+from nbengine.page_allocator import PageAllocator
 from nbengine.sampling_params import SamplingParams
 from nbengine.scheduler import ScheduledSeq, Scheduler
 from nbengine.sequence import Sequence, SeqStatus
 
 
 # ---------------------------------------------------------------- helpers
-def _pool(capacity_pages: int, page_size: int) -> KVPool:
-    return KVPool(capacity_pages + 1, page_size, num_layers=1, num_kv_heads=1, head_dim=2,
-                  dtype=torch.float32, device=torch.device("cpu"))
+def _pool(capacity_pages: int, page_size: int) -> PageAllocator:
+    return PageAllocator(capacity_pages + 1, page_size)
 
 
 def _seq(rid: str, prompt_len: int, max_new_tokens: int = 8) -> Sequence:

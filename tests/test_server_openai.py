@@ -3,6 +3,8 @@ live server on 127.0.0.1 serving the default model (words matter here), checked 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -134,3 +136,20 @@ def test_logprobs_for_chat_and_completions(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
     assert "".join(lp.tokens) == done.choices[0].text
     assert lp.text_offset[0] == 0 and all(len(d) == 2 for d in lp.top_logprobs)
+
+
+def test_response_format_json_schema_constrains_the_reply(client):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+              "required": ["city"], "additionalProperties": False}  # at most ~20 tokens: never cut by max_tokens
+    r = client.chat.completions.create(
+        model="smollm2", messages=MESSAGES, max_tokens=64, temperature=1.0, n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    for choice in r.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    r = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=160, temperature=0,
+                                       response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert isinstance(json.loads(r.choices[0].message.content), dict)

@@ -114,6 +114,7 @@ def test_metrics_report_requests_tokens_latency_and_kv(server):
     assert metric(text, "nbengine_e2e_request_latency_seconds_count") >= 1
     assert metric(text, "nbengine_engine_up") == 1
     assert metric(text, "nbengine_kv_cache_usage_ratio") == 0.0 and metric(text, "nbengine_kv_cache_total_pages") > 0
+    assert metric(text, "nbengine_cache_hit_rate") >= 0.0 and metric(text, "nbengine_cached_tokens_total") >= 0
     assert metric(text, "nbengine_requests_in_flight") == 0
 
 

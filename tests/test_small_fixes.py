@@ -101,8 +101,9 @@ def test_server_info_has_one_key_for_the_pool_size(tiny_llama):
 
 
 # ---------------------------------------------------------------------------- not built yet
-# disable_cuda_graph and cuda_graph_max_bs left this list when the CUDA runner (issue 7) built them
-@pytest.mark.parametrize("name,value", [("trust_remote_code", True), ("disable_radix_cache", False)])
+# disable_cuda_graph and cuda_graph_max_bs left this list when the CUDA runner (issue 7) built them,
+# disable_radix_cache when prefix caching (issue 9) did
+@pytest.mark.parametrize("name,value", [("trust_remote_code", True)])
 def test_accepted_but_unbuilt_args_warn_once_when_set(name, value, monkeypatch, caplog):
     monkeypatch.setattr(config_module, "_warned_not_built", set())
     with caplog.at_level(logging.WARNING, logger="nbengine"):

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable
 
 from starlette.requests import Request
@@ -37,7 +37,6 @@ class ServerContext:
     context_length: int
     incremental: bool  # the engine streams deltas (incremental_streaming_output=True) instead of cumulative text
     created: int
-    _token_text: dict[int, str] = field(default_factory=dict)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -46,12 +45,7 @@ class ServerContext:
 
     def token_text(self, token_id: int) -> str:
         """The text of one token (for logprobs), cached."""
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
-            if len(self._token_text) < 1 << 17:
-                self._token_text[token_id] = text
-        return text
+        return self.llm.tokenizer.token_text(token_id)
 
 
 async def run_request(ctx: ServerContext, request: Request, names: dict[str, str], prompt_field: str,

@@ -38,6 +38,8 @@ class _EngineCollector:
             "kv_cache_usage_ratio": ("fraction of KV-cache pages in use", info["kv_token_usage"]),
             "kv_cache_used_pages": ("KV-cache pages in use", info["kv_pages_used"]),
             "kv_cache_total_pages": ("KV-cache pages in the pool", info["kv_pages_total"]),
+            "cache_hit_rate": ("fraction of prompt tokens served by the prefix cache", info["cache_hit_rate"]),
+            "cached_tokens_total": ("prompt tokens served by the prefix cache since start", info["cached_tokens_total"]),
             "num_running_reqs": ("requests being decoded", info["num_running_reqs"]),
             "num_waiting_reqs": ("requests waiting to be scheduled", info["num_waiting_reqs"]),
             "gen_throughput": ("tokens per second sampled in the latest step", info["last_gen_throughput"]),
