@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 from . import hooks
-from .config import EngineConfig, model_sampling_defaults
+from .config import EngineConfig, ModelConfig, model_sampling_defaults
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
 from .loader.resolve import resolve_model_path
@@ -40,6 +40,19 @@ class Engine:
         t0 = time.perf_counter()
         self.model_dir = resolve_model_path(model_path)
         check_architecture(self.model_dir)
+        if self.config.tp_size > 1:
+            from .parallel.sharding import check_tp_size
+            from .parallel.workers import check_launch
+
+            check_tp_size(ModelConfig.from_folder(self.model_dir), self.config.tp_size)  # before any process starts
+            check_launch(self.config)
+        if self.config.node_rank > 0:  # another node's ranks: run them until node 0's engine stops them
+            from .parallel.worker import FinishedNode, serve_node
+
+            serve_node(self.config, self.model_dir)
+            self._thread, self._device, self.tokenizer = FinishedNode(), "node {}".format(self.config.node_rank), None
+            self._finalizer = weakref.finalize(self, lambda: None)
+            return
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             self.config.tokenizer_path, self.model_dir)
         defaults = model_sampling_defaults(self.model_dir) if self.config.sampling_defaults == "model" else {}

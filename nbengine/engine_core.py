@@ -30,7 +30,18 @@ class EngineCore:
     def __init__(self, config: EngineConfig, model_dir: Path, tokenizer: Tokenizer | None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, model_dir)
+        self.workers = None  # the other tensor-parallel ranks (TPWorkers), when tp_size > 1
+        if config.tp_size > 1:
+            from .parallel.workers import TPWorkers
+
+            self.workers = TPWorkers(config, model_dir)
+        try:
+            self.runner = ModelRunner(config, model_dir, comm=self.workers.comm if self.workers else None)
+        except BaseException as e:
+            if self.workers is not None:
+                self.workers.stop()
+                self.workers.raise_startup_failure(e)
+            raise
         self.pool = self.runner.pool
         mc = self.runner.model_config
         self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget)
@@ -292,7 +303,11 @@ class EngineCore:
         }
 
     def release(self) -> None:
-        self.runner.release()
+        try:
+            self.runner.release()
+        finally:
+            if self.workers is not None:
+                self.workers.stop()
 
 
 def _rows(result: SampleResult, sampling: list[tuple[Sequence, int]]) -> list[tuple]:
