@@ -40,7 +40,7 @@ class Engine:
         t0 = time.perf_counter()
         self.model_dir = resolve_model_path(model_path)
         check_architecture(self.model_dir)
-        if self.config.tp_size > 1:
+        if self.config.tp_size > 1 or self.config.dp_size > 1:
             from .parallel.sharding import check_tp_size
             from .parallel.workers import check_launch
 
@@ -56,7 +56,12 @@ class Engine:
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             self.config.tokenizer_path, self.model_dir)
         defaults = model_sampling_defaults(self.model_dir) if self.config.sampling_defaults == "model" else {}
-        self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
+        if self.config.dp_size > 1:  # replicas behind this facade; requests go to the least loaded
+            from .parallel.replicas import ReplicaSet
+
+            self._thread: EngineThread | ReplicaSet = ReplicaSet(self.config, self.model_dir, self.tokenizer)
+        else:
+            self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
         info = self._thread.call(self._thread.live_core().info)
         self._limits = Limits(
             vocab_size=self._thread.core.runner.model_config.vocab_size,

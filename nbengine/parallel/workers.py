@@ -56,13 +56,14 @@ def rank_device(config: EngineConfig, local_rank: int) -> str:
 
 def check_launch(config: EngineConfig) -> None:
     """``ValueError`` before any process starts: more ranks on this node than GPUs present."""
-    per_node = config.tp_size // config.nnodes
+    per_node = config.tp_size // config.nnodes * config.dp_size
     if rank_device(config, 0) == "cpu":
         return
     base = torch.device(config.device).index or 0 if config.device.startswith("cuda") else 0
     have = torch.cuda.device_count()
     if base + per_node > have:
-        raise ValueError(f"tp_size={config.tp_size} over nnodes={config.nnodes} needs {per_node} GPUs on this node "
+        raise ValueError(f"tp_size={config.tp_size} x dp_size={config.dp_size} over nnodes={config.nnodes} needs "
+                         f"{per_node} GPUs on this node "
                          f"from cuda:{base}, but {have} are visible; lower tp_size or set CUDA_VISIBLE_DEVICES.")
 
 
