@@ -103,50 +103,42 @@ def test_tp2_greedy_tokens_and_logprobs_equal_tp1(kind, tiny_models, mqa_llama):
 
 
 # ------------------------------------------------------------------------ life cycle
-def test_two_tp_engines_abort_preemption_and_clean_shutdown(tiny_llama):
-    """Two TP engines in one process (each its own group and port); an abort and preemptions under TP
-    give the tp_size=1 tokens; shutdown leaves no worker process behind."""
+def test_two_tp_engines_abort_preemption_killed_worker_and_clean_shutdown(tiny_llama):
+    """Two TP engines in one process (each its own group and port). An abort and preemptions under TP
+    give the tp_size=1 tokens and logprobs; a killed worker makes its engine's waiters raise
+    ``EngineDeadError`` (the other engine keeps answering); shutdown leaves no worker process behind."""
     small = dict(max_total_tokens=96, page_size=16)  # 6 pages for 4 requests of ~40 tokens: preemptions
     params = {**GREEDY, "max_new_tokens": 30}
     with Engine(str(tiny_llama), **FLOAT, **small) as ref_engine:
         ref = ref_engine.generate(PROMPTS, params, return_logprob=True)
     a = Engine(str(tiny_llama), tp_size=2, **FLOAT, **small)
-    b = Engine(str(tiny_llama), tp_size=2, max_total_tokens=512, **FLOAT)
+    b = Engine(str(tiny_llama), tp_size=2, max_total_tokens=2048, **FLOAT)
     pids = a._thread.core.workers.pids + b._thread.core.workers.pids
     try:
         assert len(set(pids)) == 2
         stream = b.generate("A long story:", {"max_new_tokens": 400, "ignore_eos": True}, stream=True, rid="long")
         next(stream)
         b.abort("long")
-        chunks = list(stream)
-        assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert list(stream)[-1]["meta_info"]["finish_reason"]["type"] == "abort"
+        assert b.get_server_info()["kv_pages_used"] == 0
         out = a.generate(PROMPTS, params, return_logprob=True)
         _same(out, ref)
         info = a.get_server_info()
         assert info["num_preemptions"] > 0 and info["kv_pages_used"] == 0
-        assert b.generate(PROMPTS[0], GREEDY)["output_ids"] == out[0]["output_ids"][:12]
-        assert b.get_server_info()["kv_pages_used"] == 0
+
+        stream = b.generate("Tell me", {"max_new_tokens": 1000, "ignore_eos": True}, stream=True)
+        next(stream)
+        os.kill(b._thread.core.workers.pids[0], signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="worker"):
+            for _ in stream:  # the waiter's 0.25 s liveness check sees the failure the monitor reported
+                pass
+        with pytest.raises(EngineDeadError):
+            b.generate("again")
+        assert a.generate(PROMPTS[0], GREEDY)["output_ids"] == out[0]["output_ids"][:12]
     finally:
         a.shutdown()
         b.shutdown()
     assert all(_gone(p) for p in pids)
-
-
-def test_killed_worker_makes_waiters_raise_engine_dead(tiny_llama):
-    llm = Engine(str(tiny_llama), tp_size=2, max_total_tokens=2048, **FLOAT)
-    pid = llm._thread.core.workers.pids[0]
-    stream = llm.generate("Tell me", {"max_new_tokens": 1000, "ignore_eos": True}, stream=True)
-    next(stream)
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(EngineDeadError, match="worker"):
-        for _ in stream:  # the waiter's 0.25 s liveness check sees the failure the monitor reported
-            pass
-    with pytest.raises(EngineDeadError):
-        llm.generate("again")
-    llm._thread.thread.join(30)  # the engine thread stops and stops the other ranks
-    assert not llm._thread.thread.is_alive()
-    assert _gone(pid)
-    llm.shutdown()
 
 
 _SIGINT_SCRIPT = """
