@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from nbengine import Engine
 from nbengine.config import ModelConfig
-from nbengine.errors import EngineDeadError
+from nbengine.errors import EngineDeadError, EngineShutdownError
 from nbengine.parallel.sharding import TPShard, check_tp_size
 
 FLOAT = dict(dtype="float32", quantization=None)
@@ -179,6 +180,28 @@ def test_sigint_to_the_process_group_aborts_the_request_and_workers_survive(tiny
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"interrupted": True, "workers_alive": True, "answer_tokens": 5, "running": 0,
                       "pages_used": 0}
+
+
+def test_two_nodes_on_one_host_share_a_tcp_store(tiny_llama):
+    """nnodes=2: node 1's Engine runs rank 1 (blocking, here on a thread) until node 0's engine shuts down."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    node = dict(tp_size=2, nnodes=2, dist_init_addr=addr, max_total_tokens=2048, **FLOAT)
+    node1: list = []
+    runner = threading.Thread(target=lambda: node1.append(Engine(str(tiny_llama), node_rank=1, **node)))
+    runner.start()
+    with Engine(str(tiny_llama), node_rank=0, **node) as llm:
+        assert llm._thread.core.workers.pids == []  # rank 1 lives on "the other node"
+        out = llm.generate(PROMPTS[:2], GREEDY)
+    runner.join(60)
+    assert not runner.is_alive()
+    with Engine(str(tiny_llama), max_total_tokens=2048, **FLOAT) as ref:
+        assert [o["output_ids"] for o in out] == [r["output_ids"] for r in ref.generate(PROMPTS[:2], GREEDY)]
+    with pytest.raises(EngineShutdownError, match="node_rank=0"):
+        node1[0].generate("hi")
 
 
 # ------------------------------------------------------------------------ data parallel

@@ -47,6 +47,8 @@ def _serve(rank: int, spec: WorkerSpec, store: dist.TCPStore) -> None:
     device = torch.device(spec.config.device if spec.config.device != "auto" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif spec.config.num_threads is None:  # this node's ranks share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (spec.config.tp_size // spec.config.nnodes)))
     store.set(f"joined/{rank}", "1")
     comm = TPComm(store, rank, spec.world, device, datetime.timedelta(seconds=spec.timeout_s))
     runner = ModelRunner(spec.config, spec.model_dir, comm=comm)
