@@ -146,6 +146,11 @@ class EngineConfig:
         if self.tp_size % self.nnodes:
             raise ValueError(f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes} (the same number "
                              "of ranks on every node).")
+        if self.dist_init_addr is not None:
+            parse_dist_addr(self.dist_init_addr)
+            if self.tp_size == 1:
+                logger.warning("dist_init_addr=%r has no effect with tp_size=1 (nothing to connect).",
+                               self.dist_init_addr)
         if self.nnodes > 1 and self.dist_init_addr is None:
             raise ValueError("nnodes > 1 needs dist_init_addr='host:port' of node 0, the same on every node.")
         if self.dp_size > 1 and self.nnodes > 1:
@@ -182,6 +187,16 @@ class EngineConfig:
             if value != default and name not in _warned_not_built:
                 _warned_not_built.add(name)
                 logger.warning("%s=%r has no effect: %s.", name, value, effect)
+
+
+def parse_dist_addr(addr: str | None) -> tuple[str, int]:
+    """``dist_init_addr`` as (host, port); None: this host, a free port."""
+    if addr is None:
+        return "127.0.0.1", 0
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"dist_init_addr must be 'host:port' (a port in 1..65535), got {addr!r}.")
+    return host, int(port)
 
 
 def _is_device_name(name: str) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import EngineConfig
+from ..config import EngineConfig, parse_dist_addr
 from ..errors import EngineShutdownError
 from .workers import WorkerSpec, spawn_workers
 
@@ -76,9 +76,7 @@ def _detach() -> None:
 
 def serve_node(config: EngineConfig, model_dir: Path) -> None:
     """``node_rank > 0``: run this node's ranks until the first node's engine stops them."""
-    from .workers import parse_addr
-
-    host, port = parse_addr(config.dist_init_addr)
+    host, port = parse_dist_addr(config.dist_init_addr)
     per_node = config.tp_size // config.nnodes
     first = config.node_rank * per_node
     spec = WorkerSpec(config, Path(model_dir), host, port, config.tp_size)

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import logging
 import multiprocessing.connection
+import os
 import signal
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..config import EngineConfig
+from ..config import EngineConfig, parse_dist_addr
 from .comm import TPComm
 
 logger = logging.getLogger("nbengine")
@@ -46,34 +47,34 @@ class WorkerSpec:
     timeout_s: float = _COLLECTIVE_TIMEOUT.total_seconds()
 
 
+def _first_gpu(config: EngineConfig) -> int | None:
+    """The engine's own GPU index (ranks and replicas take the next ones); None on CPU."""
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return None
+    return torch.device(config.device).index or 0 if config.device.startswith("cuda") else 0
+
+
 def rank_device(config: EngineConfig, local_rank: int) -> str:
     """The device of the ``local_rank``-th rank on this node: consecutive GPUs from the engine's own."""
-    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    base = torch.device(config.device).index or 0 if config.device.startswith("cuda") else 0
-    return f"cuda:{base + local_rank}"
+    base = _first_gpu(config)
+    return "cpu" if base is None else f"cuda:{base + local_rank}"
 
 
 def check_launch(config: EngineConfig) -> None:
-    """``ValueError`` before any process starts: more ranks on this node than GPUs present."""
+    """``ValueError`` before any process starts: more ranks on this node than GPUs (on CPU: cores)."""
     per_node = config.tp_size // config.nnodes * config.dp_size
-    if rank_device(config, 0) == "cpu":
+    what = f"tp_size={config.tp_size} x dp_size={config.dp_size} over nnodes={config.nnodes}"
+    base = _first_gpu(config)
+    if base is None:
+        cores = os.cpu_count() or 1
+        if per_node > cores:
+            raise ValueError(f"{what} runs {per_node} ranks on this host's {cores} CPU cores; each needs a core. "
+                             "Lower tp_size or dp_size.")
         return
-    base = torch.device(config.device).index or 0 if config.device.startswith("cuda") else 0
     have = torch.cuda.device_count()
     if base + per_node > have:
-        raise ValueError(f"tp_size={config.tp_size} x dp_size={config.dp_size} over nnodes={config.nnodes} needs "
-                         f"{per_node} GPUs on this node "
-                         f"from cuda:{base}, but {have} are visible; lower tp_size or set CUDA_VISIBLE_DEVICES.")
-
-
-def parse_addr(addr: str | None) -> tuple[str, int]:
-    if addr is None:
-        return "127.0.0.1", 0  # a free port, picked by the store
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"dist_init_addr must be 'host:port', got {addr!r}.")
-    return host, int(port)
+        raise ValueError(f"{what} needs {per_node} GPUs on this node from cuda:{base}, but {have} are visible; "
+                         "lower tp_size or dp_size, or set CUDA_VISIBLE_DEVICES.")
 
 
 def spawn_workers(spec: WorkerSpec, ranks: range, first_rank: int) -> list:
@@ -103,7 +104,7 @@ class TPWorkers:
         self.config = config
         world, per_node = config.tp_size, config.tp_size // config.nnodes
         self.first_rank = config.node_rank * per_node
-        host, port = parse_addr(config.dist_init_addr)
+        host, port = parse_dist_addr(config.dist_init_addr)
         self.store = dist.TCPStore(host, port, world, is_master=config.node_rank == 0, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=_RENDEZVOUS_S))
         spec = WorkerSpec(config, Path(model_dir), host, self.store.port, world)
