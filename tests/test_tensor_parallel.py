@@ -205,11 +205,23 @@ def test_two_nodes_on_one_host_share_a_tcp_store(tiny_llama):
 
 
 # ------------------------------------------------------------------------ data parallel
-def test_dp2_routes_to_both_replicas_with_the_same_greedy_outputs(tiny_llama):
+def test_dp2_routes_to_both_replicas_with_the_same_greedy_outputs_and_dies_as_one(tiny_llama):
     ref = _run(tiny_llama)
     with Engine(str(tiny_llama), dp_size=2, max_total_tokens=2048, **FLOAT) as llm:
         out = llm.generate(PROMPTS, GREEDY)
         info = llm.get_server_info()
+
+        def broken_forward(site, seqs):
+            if site == "runner":
+                raise RuntimeError("injected: replica 0's forward pass failed")
+
+        replicas = llm._thread.threads
+        replicas[0].core.fault_hook = broken_forward
+        with pytest.raises(EngineDeadError, match="replica"):
+            llm.generate(PROMPTS[:2], GREEDY)  # one request on each replica: both callers learn it
+        for t in replicas:  # the healthy replica is stopped too, as one engine would be
+            t.thread.join(30)
+            assert not t.thread.is_alive()
     assert [o["output_ids"] for o in out] == [r["output_ids"] for r in ref]
     assert [r["requests_routed"] for r in info["replicas"]] == [2, 2]
     assert info["num_finished_reqs"] == 4 and info["num_running_reqs"] == 0

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ..config import EngineConfig
 from ..engine_thread import EngineThread
-from ..errors import EngineDeadError, EngineShutdownError
+from ..errors import EngineDeadError, NBEngineError
 from ..sequence import Sequence
 from ..tokenizer import Tokenizer
 from .workers import rank_device
@@ -43,17 +43,21 @@ class ReplicaSet:
         return next((t.dead for t in self.threads if t.dead is not None), None)
 
     def check(self) -> None:
-        """Dead if any replica died (its requests are lost; the engine stops), shut down if all stopped."""
+        """Dead once any replica died: the others are stopped too (their waiters get ``EngineDeadError``),
+        as one engine whose thread died would be; shut down once stopped."""
         for t in self.threads:
             try:
                 t.check()
             except EngineDeadError as e:
+                for other in self.threads:
+                    if other is not t and other.dead is None:
+                        other.fail(EngineDeadError(f"another data-parallel replica died: {e}"))
                 raise EngineDeadError(f"a data-parallel replica died: {e}") from None
 
     def alive(self) -> bool:
         try:
-            self.check()
-        except (EngineDeadError, EngineShutdownError):
+            self.check()  # also stops the other replicas once one died
+        except NBEngineError:
             return False
         return True
 
