@@ -148,7 +148,10 @@ class TPWorkers:
                 return self.store.get(f"error/{rank}").decode(errors="replace").strip().splitlines()[-1]
         except Exception:  # noqa: BLE001 - the store may be gone with the process
             pass
-        return (f"exit code {proc.exitcode}, before it reached its own code (in a script, create the Engine under "
+        code = proc.exitcode
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return (f"exit code {code}, before it reached its own code (in a script, create the Engine under "
                 "`if __name__ == '__main__':` - workers are started with spawn, which re-imports the main module)")
 
     def _watch(self) -> None:
