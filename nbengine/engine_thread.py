@@ -55,7 +55,9 @@ class EngineThread:
             self.loop.run_until_complete(self._serve())
         except BaseException as e:  # noqa: BLE001
             logger.exception("the nbengine engine thread died")
-            self.dead = self.dead or e  # a failure reported by fail() came first and says more
+            if self.dead is None and self.core.workers is not None:  # a worker's death says more than the
+                self.dead = self.core.workers.wait_failure(2.0)     # collective that failed because of it
+            self.dead = self.dead or e
         finally:
             try:
                 if self.dead is None:

@@ -110,6 +110,7 @@ class TPWorkers:
         spec = WorkerSpec(config, Path(model_dir), host, self.store.port, world)
         self.on_failure: Callable[[BaseException], None] | None = None
         self.failure: BaseException | None = None
+        self._failed = threading.Event()
         self._stopping = False
         self._stop_r, self._stop_w = multiprocessing.Pipe(duplex=False)
         self.procs = spawn_workers(spec, range(self.first_rank + 1, self.first_rank + per_node), self.first_rank)
@@ -162,6 +163,7 @@ class TPWorkers:
         dead = next(p for p in self.procs if p.sentinel in ready)
         dead.join(1.0)
         self.failure = RuntimeError(f"tensor-parallel worker {dead.name} (pid {dead.pid}) died: {self.error_of(dead)}")
+        self._failed.set()
         logger.error("%s; stopping the engine", self.failure)
         self._terminate()  # the engine thread's pending collective now fails instead of waiting
         if self.on_failure is not None:
@@ -173,6 +175,11 @@ class TPWorkers:
             if p.exitcode not in (0, None, -signal.SIGTERM, -signal.SIGKILL):
                 raise RuntimeError(f"tensor-parallel worker {p.name} failed while starting: {self.error_of(p)}") \
                     from error
+
+    def wait_failure(self, timeout: float) -> BaseException | None:
+        """The worker death that explains a failed collective (the monitor may report it a moment later)."""
+        self._failed.wait(timeout)
+        return self.failure
 
     def watch_with(self, on_failure: Callable[[BaseException], None]) -> None:
         self.on_failure = on_failure
