@@ -34,8 +34,8 @@ _ARG_KINDS: dict[str, tuple[str, bool]] = {
     "skip_tokenizer_init": ("bool", False), "log_level": ("str", True),
     "incremental_streaming_output": ("bool", False), "allow_auto_truncate": ("bool", False),
     "stream_interval": ("int", False), "trust_remote_code": ("bool", False), "num_threads": ("int", True),
-    "sampling_defaults": ("str", False), "quantization": ("str", True),
-    "enable_custom_logit_processor": ("bool", False),
+    "sampling_defaults": ("str", False), "quantization": ("str", True), "dist_init_addr": ("str", True),
+    "nnodes": ("int", False), "node_rank": ("int", False), "enable_custom_logit_processor": ("bool", False),
 }
 _KIND_NAMES = {"path": "a string path", "str": "a string", "int": "an integer", "number": "a number",
                "bool": "True or False"}
@@ -71,8 +71,11 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None  # CUDA: decode graphs for batches up to this (default min(256, max running))
     attention_backend: str | None = None  # "triton" (default on CUDA) | "flash_attn" | "torch" (default on CPU)
     random_seed: int | None = None
-    tp_size: int = 1
-    dp_size: int = 1
+    tp_size: int = 1  # tensor-parallel ranks (processes; one GPU each on CUDA)
+    dp_size: int = 1  # data-parallel replicas (each of tp_size ranks), requests to the least loaded
+    dist_init_addr: str | None = None  # "host:port" of the TCP store (node 0 serves it); None: a free local port
+    nnodes: int = 1  # hosts the tp_size ranks are spread over
+    node_rank: int = 0  # this host's index among them (0 schedules; the others only run ranks)
     enable_return_hidden_states: bool = False
     enable_custom_logit_processor: bool = False  # allow generate(custom_logit_processor=...): runs caller code
     skip_tokenizer_init: bool = False
@@ -124,8 +127,7 @@ class EngineConfig:
                              f"device's default), got {self.attention_backend!r}.")
         if self.schedule_policy not in _SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {_SCHEDULE_POLICIES}, got {self.schedule_policy!r}.")
-        if self.tp_size != 1 or self.dp_size != 1:
-            raise ValueError("tp_size and dp_size other than 1 are not supported yet; use tp_size=1, dp_size=1.")
+        self._check_parallel()
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}.")
         from .quantization import validate_quantization
@@ -136,6 +138,28 @@ class EngineConfig:
         level = logging.getLevelName(self.log_level.upper()) if self.log_level is not None else 0
         if not isinstance(level, int):
             raise ValueError(f"log_level must be one of debug, info, warning, error, got {self.log_level!r}.")
+
+    def _check_parallel(self) -> None:
+        for name in ("tp_size", "dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}.")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes} (the same number "
+                             "of ranks on every node).")
+        if self.dist_init_addr is not None:
+            parse_dist_addr(self.dist_init_addr)
+            if self.tp_size == 1:
+                logger.warning("dist_init_addr=%r has no effect with tp_size=1 (nothing to connect).",
+                               self.dist_init_addr)
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ValueError("nnodes > 1 needs dist_init_addr='host:port' of node 0, the same on every node.")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ValueError("dp_size > 1 runs on one node; use nnodes=1, or one engine per node.")
+        if self.tp_size > 1 and self.quantization not in (None, "none", "auto"):
+            raise ValueError(f"quantization={self.quantization!r} runs in one process and cannot be combined with "
+                             f"tp_size={self.tp_size}; use quantization=None (or 'auto', which runs in float).")
 
     def _check_types(self) -> None:
         for name, (kind, nullable) in _ARG_KINDS.items():
@@ -165,6 +189,16 @@ class EngineConfig:
             if value != default and name not in _warned_not_built:
                 _warned_not_built.add(name)
                 logger.warning("%s=%r has no effect: %s.", name, value, effect)
+
+
+def parse_dist_addr(addr: str | None) -> tuple[str, int]:
+    """``dist_init_addr`` as (host, port); None: this host, a free port."""
+    if addr is None:
+        return "127.0.0.1", 0
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"dist_init_addr must be 'host:port' (a port in 1..65535), got {addr!r}.")
+    return host, int(port)
 
 
 def _is_device_name(name: str) -> bool:

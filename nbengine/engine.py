@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from . import hooks
 from . import scoring
 from .chat import conversation_ids
-from .config import EngineConfig, model_sampling_defaults
+from .config import EngineConfig, ModelConfig, model_sampling_defaults
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
 from .grammar import GrammarBackend
@@ -46,13 +46,34 @@ class Engine:
         t0 = time.perf_counter()
         self.model_dir = resolve_model_path(model_path)
         check_architecture(self.model_dir)
+        if self.config.tp_size > 1 or self.config.dp_size > 1:
+            from .parallel.sharding import check_tp_size
+            from .parallel.workers import check_launch
+
+            check_tp_size(ModelConfig.from_folder(self.model_dir), self.config.tp_size)  # before any process starts
+            check_launch(self.config)
+        if self.config.node_rank > 0:  # another node's ranks: run them until node 0's engine stops them
+            from .parallel.worker import FinishedNode, serve_node
+
+            serve_node(self.config, self.model_dir)
+            self._thread, self._device, self.tokenizer = FinishedNode(), "node {}".format(self.config.node_rank), None
+            self.processor = None
+            self._finalizer = weakref.finalize(self, lambda: None)
+            return
         _start_kernel_warm_up(self.config, self.model_dir)  # numba loads while the tokenizer and weights do
         self.tokenizer = None if self.config.skip_tokenizer_init else _load_tokenizer(
             self.config.tokenizer_path, self.model_dir)
         # the image input processor of a vision-language model (None for text-only models)
         self.processor = load_processor(self.model_dir)
+        if self.processor is not None and (self.config.tp_size > 1 or self.config.dp_size > 1):
+            raise ValueError("Vision-language models run on one device for now: leave tp_size and dp_size at 1.")
         defaults = model_sampling_defaults(self.model_dir) if self.config.sampling_defaults == "model" else {}
-        self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
+        if self.config.dp_size > 1:  # replicas behind this facade; requests go to the least loaded
+            from .parallel.replicas import ReplicaSet
+
+            self._thread: EngineThread | ReplicaSet = ReplicaSet(self.config, self.model_dir, self.tokenizer)
+        else:
+            self._thread = EngineThread(self.config, self.model_dir, self.tokenizer)
         info = self._thread.call(self._thread.live_core().info)
         self._limits = Limits(
             vocab_size=self._thread.core.runner.model_config.vocab_size,

@@ -36,13 +36,27 @@ class EngineCore:
     def __init__(self, config: EngineConfig, model_dir: Path, tokenizer: Tokenizer | None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, model_dir)
+        self.workers = None  # the other tensor-parallel ranks (TPWorkers), when tp_size > 1
+        if config.tp_size > 1:
+            from .parallel.workers import TPWorkers
+
+            self.workers = TPWorkers(config, model_dir)
+        try:
+            self.runner = ModelRunner(config, model_dir, comm=self.workers.comm if self.workers else None)
+        except BaseException as e:
+            if self.workers is not None:
+                self.workers.stop()
+                self.workers.raise_startup_failure(e)
+            raise
         kv = self.runner.kv_cache
         self.pool = PageAllocator(kv.num_pages, kv.page_size)
         self.prefix_cache = None if config.disable_radix_cache else PrefixCache(self.pool)
         mc = self.runner.model_config
         self.scheduler = Scheduler(self.pool, self.runner.max_running, self.runner.token_budget,
-                                   self.prefix_cache, kv.copy_page)
+                                   self.prefix_cache,
+                                   # tensor parallel: a copy on rank 0 alone would leave the other ranks' shards
+                                   # behind, so a forked sample recomputes its partial page instead
+                                   kv.copy_page if self.workers is None else None)
         eos = list(mc.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -60,7 +74,9 @@ class EngineCore:
         # overlap scheduling: on CUDA the next step is scheduled and launched before this one's ids are read.
         # On CPU every op runs before it returns, so there is nothing to overlap (and reading a step late
         # would only delay its tokens): the loop stays synchronous there.
-        self.overlap = self.runner.device.type == "cuda" and not config.disable_overlap_schedule
+        # (not with tensor parallelism: the other ranks would need the sampled ids on their devices too)
+        self.overlap = (self.runner.device.type == "cuda" and not config.disable_overlap_schedule
+                        and self.workers is None)
         self.in_flight: InFlightStep | None = None
         self._outbox: dict[Any, list[tuple[Sequence, int, Any]]] | None = None  # a step's outputs, per caller
         self._host_ids = HostIds(self.runner.max_running, self.runner.device)
@@ -414,7 +430,11 @@ class EngineCore:
         }
 
     def release(self) -> None:
-        self.runner.release()
+        try:
+            self.runner.release()
+        finally:
+            if self.workers is not None:
+                self.workers.stop()
 
 
 def _rows(result: SampleResult, sampling: list[tuple[Sequence, int]]) -> list[tuple]:

@@ -48,17 +48,23 @@ class EngineThread:
             self.loop.close()
             return
         self._wake = asyncio.Event()
+        if self.core.workers is not None:
+            self.core.workers.watch_with(self.fail)
         self._ready.set_result(None)
         try:
             self.loop.run_until_complete(self._serve())
         except BaseException as e:  # noqa: BLE001
             logger.exception("the nbengine engine thread died")
-            self.dead = e
-            self.core.abort_all(EngineDeadError(f"The engine thread died: {type(e).__name__}: {e}"))
+            if self.dead is None and self.core.workers is not None:  # a worker's death says more than the
+                self.dead = self.core.workers.wait_failure(2.0)     # collective that failed because of it
+            self.dead = self.dead or e
         finally:
             try:
                 if self.dead is None:
                     self.core.abort_all(EngineShutdownError("The engine was shut down while the request ran."))
+                else:
+                    self.core.abort_all(EngineDeadError(f"The engine thread died: {type(self.dead).__name__}: "
+                                                        f"{self.dead}"))
                 self.core.release()
             finally:
                 self.core = None
@@ -76,6 +82,21 @@ class EngineThread:
                 await self._wake.wait()
 
     # ---------------------------------------------------- from other threads
+    def fail(self, error: BaseException) -> None:
+        """From any thread (a tensor-parallel worker died): the engine is dead from now on — waiters raise
+        ``EngineDeadError`` at their next check — and the engine thread stops at its next chance."""
+        if self.dead is None:
+            self.dead = error
+
+        def halt() -> None:
+            self._stopping = True
+            self._wake.set()
+
+        try:
+            self.loop.call_soon_threadsafe(halt)
+        except RuntimeError:  # the loop already closed
+            pass
+
     def check(self) -> None:
         """The one liveness check: raises ``EngineDeadError`` once the thread died (or vanished without a
         word), ``EngineShutdownError`` once it was stopped."""

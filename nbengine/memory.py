@@ -96,6 +96,12 @@ def _gib(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------- readings
+def share_of(reading: MemoryReading, ranks: int) -> MemoryReading:
+    """One of ``ranks`` processes' share of a device they all use (tensor-parallel ranks on one host's RAM)."""
+    return MemoryReading(total=reading.total // ranks, free=reading.free // ranks,
+                         where=f"{reading.where} (1/{ranks}: one tensor-parallel rank's share)", kind=reading.kind)
+
+
 def read_cuda_memory(device) -> MemoryReading:
     """Free and total memory of a CUDA device, as the driver reports them (other processes included)."""
     import torch

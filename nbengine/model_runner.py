@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,8 +24,9 @@ from .kv_cache import KVCache
 from .layers.cpu_threads import omp_team
 from .layers.ops import Ops, build_ops, choose_backend
 from .loader.hf import iter_weights
-from .memory import check_explicit_pool, kv_pool_tokens, read_cuda_memory, read_host_memory
+from .memory import check_explicit_pool, kv_pool_tokens, read_cuda_memory, read_host_memory, share_of
 from .models import get_model_class
+from .parallel.sharding import TPShard
 from .quantization import ModelQuantizer, kernel_warm_up, resolve_quantization
 from .scheduler import ScheduledSeq
 
@@ -70,9 +72,12 @@ class StepTimes:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path, comm=None) -> None:
+        """``comm``: this rank's tensor-parallel group (``TPComm``); the runner then holds its shard only."""
         self.config = config
+        self.comm = comm
         self.model_config = mc = ModelConfig.from_folder(model_dir)
+        self.shard = shard = TPShard.plan(mc, comm.rank, comm.size) if comm is not None else TPShard.plan(mc)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu" and config.num_threads:
@@ -83,14 +88,16 @@ class ModelRunner:
                            mc.max_position_embeddings, mc.max_position_embeddings)
         backend = choose_backend(config.attention_backend, self.device, config.page_size)
         t0 = time.perf_counter()
-        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir)
+        self.quantization = resolve_quantization(config.quantization, self.device, self.dtype, model_dir,
+                                                 shard.size)
         # numba's start-up (~1-2 s of CPU) runs on a thread while the weights load
         warm_up = kernel_warm_up() if self.quantization else None  # Engine() may have started it already
         quantizer = ModelQuantizer(self.quantization, model_dir, mc.tie_word_embeddings) if self.quantization else None
         with torch.device(self.device):
-            self.model = get_model_class(mc.architecture)(mc, self.device).to(self.dtype)
+            self.model = get_model_class(mc.architecture)(mc, self.device, shard=shard, comm=comm).to(self.dtype)
         skip = quantizer.skipped_weights(self.model) if quantizer else set()
-        self.model.load_weights((n, w) for n, w in iter_weights(model_dir, skip=skip))
+        # a tensor-parallel rank reads only its slice of each tensor from the files
+        self.model.load_weights(iter_weights(model_dir, skip=skip, part=lambda n: shard.weight_slice(n, mc.head_dim)))
         self.model.eval()
         if warm_up is not None and (error := warm_up.wait()) is not None:
             if config.quantization != "auto":
@@ -100,7 +107,7 @@ class ModelRunner:
             self.quantization = quantizer = None
             if skip:
                 self.model.load_weights(iter_weights(model_dir))
-        self.ops = build_ops(backend, mc.num_heads, mc.num_kv_heads, mc.head_dim)
+        self.ops = build_ops(backend, shard.num_heads, shard.num_kv_heads, mc.head_dim)
         if quantizer is not None:
             self.ops = self._quantize(quantizer, self.ops)
         self.model.bind(self.ops)
@@ -159,9 +166,11 @@ class ModelRunner:
 
     def _make_pool(self) -> KVCache:
         """The KV pool, sized by the rule in :mod:`nbengine.memory` (after the warm-up, before graph capture)."""
-        mc, cfg = self.model_config, self.config
-        per_token = KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        mc, cfg, kv_heads = self.model_config, self.config, self.shard.num_kv_heads
+        per_token = KVCache.bytes_per_token(mc.num_layers, kv_heads, mc.head_dim, self.dtype)
         reading = read_cuda_memory(self.device) if self.device.type == "cuda" else read_host_memory()
+        if self.device.type == "cpu" and self.shard.size > 1:  # this node's ranks share its RAM
+            reading = share_of(reading, cfg.tp_size // cfg.nnodes)
         if cfg.max_total_tokens:
             tokens = cfg.max_total_tokens
             check_explicit_pool(reading, tokens, per_token)
@@ -169,8 +178,10 @@ class ModelRunner:
             tokens = kv_pool_tokens(reading, bytes_per_token=per_token, weights_bytes=_module_bytes(self.model),
                                     fraction=cfg.mem_fraction_static, min_tokens=min(self.context_length, 2048),
                                     cap_tokens=self.max_running * self.context_length)
+        if self.comm is not None:  # every rank holds the same pages: the smallest rank decides
+            tokens = self.comm.min_int(tokens)
         pages = max(2, tokens // cfg.page_size + 1)
-        pool = KVCache(pages, cfg.page_size, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        pool = KVCache(pages, cfg.page_size, mc.num_layers, kv_heads, mc.head_dim, self.dtype, self.device)
         logger.info("KV pool: %d pages x %d tokens (%.1f MiB)", pages, cfg.page_size,
                     pages * cfg.page_size * per_token / 2**20)
         if pool.capacity_tokens < self.context_length:
@@ -185,7 +196,8 @@ class ModelRunner:
         mc, ps = self.model_config, self.config.page_size
         lens = [(1, 3), (1, 40), (70, 70), (5, 300)]  # (new tokens, context) per sequence
         pages_per = [-(-ctx // ps) for _, ctx in lens]
-        scratch = KVCache(sum(pages_per) + 1, ps, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+        scratch = KVCache(sum(pages_per) + 1, ps, mc.num_layers, self.shard.num_kv_heads, mc.head_dim, self.dtype,
+                           self.device)
         plan, first = BatchPlan(ps), 1
         for (n, ctx), np_ in zip(lens, pages_per):
             pages = list(range(first, first + np_))
@@ -247,21 +259,12 @@ class ModelRunner:
             if pending is None:
                 raise RuntimeError("a step feeds tokens still being sampled, but no step is in flight")
             fill = lambda ids: _fill_pending(ids, pending)  # noqa: E731
-        hidden = None
-        if self.graphs is not None and self.graphs.can_run(plan):
-            logits = self.graphs.replay(plan, fill)
-            self.times.graph_steps += 1
-        else:
-            fb = plan.attach_multimodal(self.prepare(plan), self.device)
-            if fill is not None:
-                fill(fb.input_ids)
-            keep = torch.tensor(plan.hidden_rows, dtype=torch.long, device=self.device) if plan.hidden_rows else None
-            logits, hidden = self.launch(fb, self.kv_cache.kv, keep)
-            if hidden is not None:
-                hidden = hidden.float().cpu()
-            for it in items:  # a prompt's image embeddings are not needed once its image tokens are in the cache
-                if it.seq.mm is not None and it.start + it.num_tokens >= it.seq.mm.end:
-                    it.seq.release_images()
+        if self.comm is not None:  # the other ranks run the same step on their shards
+            self.comm.send(plan)
+        logits, hidden = self.execute(plan, fill)
+        for it in items:  # a prompt's image embeddings are not needed once its image tokens are in the cache
+            if it.seq.mm is not None and it.start + it.num_tokens >= it.seq.mm.end:
+                it.seq.release_images()
         self.times.steps += 1
         self.times.host_s += time.perf_counter() - t0
         return StepLogits(logits, plan.sample_rows, plan.input_rows, hidden, plan.hidden_at), items
@@ -273,6 +276,21 @@ class ModelRunner:
             if mm is not None and mm.embeds is None and mm.overlaps(it.start, it.num_tokens):
                 pixels = mm.pixel_values.to(self.device, non_blocking=True)
                 mm.embeds = self.model.encode_images(pixels, mm.grids).to(self.dtype)
+
+    @torch.inference_mode()
+    def execute(self, plan: BatchPlan, fill: Callable[[torch.Tensor], None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits (and kept hidden states) of one planned step; every tensor-parallel rank runs this with
+        the same plan. ``fill`` writes the ids still on the device into the placeholders (overlap)."""
+        if self.graphs is not None and self.graphs.can_run(plan):
+            self.times.graph_steps += 1
+            return self.graphs.replay(plan, fill), None
+        fb = plan.attach_multimodal(self.prepare(plan), self.device)
+        if fill is not None:
+            fill(fb.input_ids)
+        keep = torch.tensor(plan.hidden_rows, dtype=torch.long, device=self.device) if plan.hidden_rows else None
+        logits, hidden = self.launch(fb, self.kv_cache.kv, keep)
+        return logits, None if hidden is None else hidden.float().cpu()
 
     def prepare(self, plan: BatchPlan) -> ForwardBatch:
         """The step's metadata on the device, and the attention backend's plan for it."""

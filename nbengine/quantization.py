@@ -86,7 +86,8 @@ def kernel_warm_up() -> KernelWarmUp:
         return _warm_up
 
 
-def resolve_quantization(value: str | None, device: torch.device, dtype: torch.dtype, model_dir: Path) -> str | None:
+def resolve_quantization(value: str | None, device: torch.device, dtype: torch.dtype, model_dir: Path,
+                         tp_size: int = 1) -> str | None:
     """The method this engine runs: ``None``, ``"q8_0"``, ``"q4_1"`` or ``"gguf"`` (per-layer from the file).
 
     An explicit method that cannot run here raises ``ValueError`` saying what to change; ``"auto"``
@@ -98,6 +99,8 @@ def resolve_quantization(value: str | None, device: torch.device, dtype: torch.d
     problem = None
     if device.type != "cpu":
         problem = f"quantization={value!r} is a CPU path; on {device.type} use quantization=None"
+    elif tp_size > 1:
+        problem = f"quantization={value!r} runs in one process; tensor parallelism (tp_size={tp_size}) runs in float"
     elif dtype != torch.float32:
         problem = f"quantization={value!r} multiplies float32 activations; use dtype='float32' (or 'auto')"
     else:

@@ -281,7 +281,7 @@ class Scheduler:
         full = last // ps
         seq.pages = leader.pages[:full]
         self.pool.share(seq.pages)
-        if last % ps and self.pool.num_free_pages:
+        if last % ps and self.copy_page is not None and self.pool.num_free_pages:
             page = self.pool.allocate(1)[0]
             self.copy_page(leader.pages[full], page)
             seq.pages.append(page)

@@ -259,8 +259,9 @@ def test_unknown_engine_argument(tiny_llama):
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"page_size": 0}, "page_size"),
-    ({"tp_size": 2}, "tp_size"),
-    ({"dp_size": 2}, "dp_size"),
+    ({"tp_size": 3}, "tp_size"),  # does not divide the 4 heads: refused before any process starts
+    ({"dp_size": 0}, "dp_size"),
+    ({"nnodes": 2, "tp_size": 2}, "dist_init_addr"),
     ({"context_length": 0}, "context_length"),
     ({"dtype": "float64"}, "dtype"),
     ({"mem_fraction_static": 1.5}, "mem_fraction_static"),

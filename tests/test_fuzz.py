@@ -209,6 +209,10 @@ _PLAUSIBLE = {  # per argument: values of its own type, in range or not; arbitra
     "log_level": st.sampled_from(["info", "WARNING", "debug", "loud"]) | st.none(),
     "tokenizer_path": st.sampled_from(["/nonexistent", ""]) | st.none(),
     "mem_fraction_static": st.floats(min_value=-0.5, max_value=1.5) | st.none(),
+    # parallel layouts that cannot start worker processes (those have their own tests)
+    "tp_size": st.sampled_from([-1, 0, 1, 3, 64]), "dp_size": st.sampled_from([-1, 0, 1, 64]),
+    "nnodes": st.sampled_from([-1, 0, 1, 3]), "node_rank": st.sampled_from([-1, 0, 1, 5]),
+    "dist_init_addr": st.sampled_from(["nohost", "127.0.0.1:x", ":1"]) | st.none(),
 }
 _BOOLS = {"disable_radix_cache", "disable_cuda_graph", "enable_return_hidden_states", "skip_tokenizer_init",
           "enable_custom_logit_processor",

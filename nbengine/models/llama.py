@@ -21,12 +21,21 @@ from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
 from ..layers.ops import Ops
 from ..layers.rotary import Rotary, StepRope, interleave_rows
+from ..parallel.sharding import TPShard
+
+
+def _sum_ranks(comm, t: torch.Tensor) -> torch.Tensor:
+    """The all-reduce after a row-parallel layer (nothing without tensor parallelism)."""
+    return t if comm is None else comm.all_reduce(t)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Column-parallel q/k/v (this rank's heads), row-parallel o_proj, one all-reduce."""
+
+    def __init__(self, cfg: ModelConfig, shard: TPShard, comm=None) -> None:
         super().__init__()
-        self.h, self.hk, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.h, self.hk, self.d = shard.num_heads, shard.num_kv_heads, cfg.head_dim
+        self.comm = comm
         self.qkv_proj = Linear(cfg.hidden_size, {"q_proj": self.h * self.d, "k_proj": self.hk * self.d,
                                                  "v_proj": self.hk * self.d}, bias=cfg.attention_bias)
         self.o_proj = Linear(self.h * self.d, {"o_proj": cfg.hidden_size})
@@ -42,27 +51,28 @@ class Attention(nn.Module):
                        self.k_norm.weight if self.k_norm is not None else None,
                        self.q_norm.eps if self.q_norm is not None else 0.0)
         out = ops.attention.forward(qkv[:, : self.h * self.d], kv_layer, fb)  # reads the cache
-        return self.o_proj(out)
+        return _sum_ranks(self.comm, self.o_proj(out))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, comm=None) -> None:
         super().__init__()
-        self.inter = cfg.intermediate_size
+        self.inter = shard.intermediate
+        self.comm = comm
         self.gate_up_proj = Linear(cfg.hidden_size, {"gate_proj": self.inter, "up_proj": self.inter})
         self.down_proj = Linear(self.inter, {"down_proj": cfg.hidden_size})
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return _sum_ranks(self.comm, self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: TPShard, comm=None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, shard, comm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, shard, comm)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: StepRope, kv_layer: torch.Tensor,
                 fb: ForwardBatch, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,22 +83,34 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    """Vocabulary rows ``[start, start + rows)``; with tensor parallelism other ranks' ids embed to
+    zero here and the all-reduce sums in the rank that holds them."""
+
+    def __init__(self, rows: int, hidden_size: int, start: int = 0, comm=None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        self.start, self.comm = start, comm
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if self.comm is None:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        elsewhere = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
+        return self.comm.all_reduce(x.masked_fill_(elsewhere.unsqueeze(-1), 0))
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device, shard: TPShard | None = None, comm=None) -> None:
+        """``shard``/``comm``: this rank's part of the model and its group (None: the whole model)."""
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.shard = shard = shard or TPShard.plan(cfg)
+        self.comm = comm
+        self.embed_tokens = Embedding(shard.vocab_rows, cfg.hidden_size, shard.vocab_start, comm)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, shard, comm) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, {"lm_head": cfg.vocab_size})
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, {"lm_head": shard.vocab_rows})
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device)
         self.ops: Ops | None = None  # injected by the runner (bind)
         self.decode_step = None  # all-decode steps' fast path (the quantized CPU path sets one: cpu_decode)
@@ -123,6 +145,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits of ``hidden``'s rows (written into ``out`` when given)."""
         logits = self._head(hidden)
+        if self.comm is not None:  # each rank scored its vocabulary rows: put them side by side
+            logits = self.comm.all_gather(logits)[:, : self.cfg.vocab_size]
         if out is None:
             return logits.float()
         return out.copy_(logits)
@@ -136,10 +160,10 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                tensor = interleave_rows(tensor, cfg.num_heads, cfg.head_dim)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                tensor = interleave_rows(tensor, cfg.num_kv_heads, cfg.head_dim)
+            if name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+                tensor = interleave_rows(tensor, tensor.shape[0] // cfg.head_dim, cfg.head_dim)  # this rank's heads
+            elif name in ("embed_tokens.weight", "lm_head.weight") and tensor.shape[0] < self.shard.vocab_rows:
+                tensor = F.pad(tensor, (0, 0, 0, self.shard.vocab_rows - tensor.shape[0]))  # the last rank's tail
             elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 tensor = interleave_rows(tensor, 1, cfg.head_dim)
             if name.startswith("lm_head") and self.lm_head is None:
@@ -167,7 +191,8 @@ class LlamaForCausalLM(nn.Module):
 
     def finalize(self) -> None:
         if self.lm_head is None:  # tied: the head reads the embedding matrix itself
-            self._head = Linear(self.cfg.hidden_size, {"lm_head": self.cfg.vocab_size}, weight=self.embed_tokens.weight)
+            self._head = Linear(self.cfg.hidden_size, {"lm_head": self.shard.vocab_rows},
+                                weight=self.embed_tokens.weight)
         else:
             self._head = self.lm_head
         for m in self.modules():

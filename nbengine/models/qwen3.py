@@ -9,6 +9,6 @@ from .llama import LlamaForCausalLM
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device, **parallel) -> None:
         cfg.qk_norm = True
-        super().__init__(cfg, device)
+        super().__init__(cfg, device, **parallel)
