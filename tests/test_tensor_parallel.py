@@ -210,6 +210,10 @@ def test_dp2_routes_to_both_replicas_with_the_same_greedy_outputs_and_dies_as_on
     with Engine(str(tiny_llama), dp_size=2, max_total_tokens=2048, **FLOAT) as llm:
         out = llm.generate(PROMPTS, GREEDY)
         info = llm.get_server_info()
+        # the samples of one prompt (n > 1 shares its prompt's pages) stay on one replica
+        pair = llm.generate(PROMPTS[0], {**GREEDY, "n": 2})
+        assert [o["output_ids"] for o in pair] == [ref[0]["output_ids"]] * 2
+        assert len(llm.get_recent_requests()) == 6 and llm.flush_cache()
 
         def broken_forward(site, seqs):
             if site == "runner":

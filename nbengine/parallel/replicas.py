@@ -17,12 +17,14 @@ from typing import Any, Callable
 from ..config import EngineConfig
 from ..engine_thread import EngineThread
 from ..errors import EngineDeadError, NBEngineError
+from ..request_stats import MAX_RECENT
 from ..sequence import Sequence
 from ..tokenizer import Tokenizer
 from .workers import rank_device
 
 _SUMMED = ("num_running_reqs", "num_waiting_reqs", "num_finished_reqs", "num_preemptions", "kv_pages_used",
-           "kv_pages_free", "kv_pages_total", "last_gen_throughput")
+           "kv_pages_free", "kv_pages_total", "last_gen_throughput", "kv_pages_cached", "cached_tokens_total",
+           "prompt_tokens_total", "generated_tokens_total", "gen_throughput_1m")
 
 
 class ReplicaSet:
@@ -89,9 +91,14 @@ class Router:
         self._lock = threading.Lock()  # load is updated from the callers' and the replicas' threads
 
     def add(self, seqs: list[Sequence]) -> None:
+        placed: dict[int, int] = {}  # id(sequence) -> its replica: the samples of one prompt (n > 1) stay together
         for seq in seqs:
             with self._lock:
-                i = min(range(len(self.threads)), key=self.load.__getitem__)
+                if seq.fork_of is not None and id(seq.fork_of) in placed:
+                    i = placed[id(seq.fork_of)]  # it shares its first sample's prompt pages: same KV pool
+                else:
+                    i = min(range(len(self.threads)), key=self.load.__getitem__)
+                placed[id(seq)] = i
                 self.load[i] += 1
                 self.routed[i] += 1
             seq.emit = self._counted(seq.emit, i)
@@ -116,11 +123,20 @@ class Router:
             if t.alive():
                 t.post(t.live_core().abort, rid, message)
 
+    @property
+    def stats(self) -> "_MergedStats":
+        return _MergedStats([t.core.stats for t in self.threads])
+
+    def flush_cache(self) -> None:
+        for t in self.threads:
+            t.call(t.live_core().flush_cache)
+
     def info(self) -> dict[str, Any]:
         infos = [t.call(t.live_core().info) for t in self.threads]
         merged = dict(infos[0])
         for key in _SUMMED:
-            merged[key] = sum(i[key] for i in infos)
+            merged[key] = sum(i.get(key, 0) for i in infos)
+        merged["cache_hit_rate"] = merged["cached_tokens_total"] / max(1, merged["prompt_tokens_total"])
         # one request runs on one replica: it must fit the smallest pool
         merged["max_total_num_tokens"] = min(i["max_total_num_tokens"] for i in infos)
         merged["kv_token_usage"] = merged["kv_pages_used"] / max(1, merged["kv_pages_total"])
@@ -130,3 +146,17 @@ class Router:
                                "num_waiting_reqs": i["num_waiting_reqs"], "requests_routed": n}
                               for i, n in zip(infos, routed)]
         return merged
+
+
+class _MergedStats:
+    """The replicas' request statistics read as one (each replica's are copies, read without its step)."""
+
+    def __init__(self, stats: list[Any]) -> None:
+        self._stats = stats
+
+    def recent_requests(self) -> list[dict[str, Any]]:
+        merged = sorted((r for s in self._stats for r in s.recent_requests()), key=lambda r: r["finished_at"])
+        return merged[-MAX_RECENT:]
+
+    def tokens_per_second(self, seconds: int | None = None) -> list[int]:
+        return [sum(col) for col in zip(*(s.tokens_per_second(seconds) for s in self._stats))]
