@@ -108,6 +108,22 @@ def test_preempted_requests_with_images_recompute_and_still_match(tiny_vlm, refe
     _check(outs, reference * 3)
 
 
+def test_the_prefix_cache_never_reuses_pages_across_different_images(tiny_vlm):
+    """Image tokens share one id whatever the image: a cached prefix stops at the first image token."""
+    prompt = f"w40 w41 w42 w43 w44 w45 w46 w47 w40 w41 {IMG} w48 w49"
+    first, second = SMALL, _image(48, 64, 7)  # the same number of image tokens, other pixels
+    with Engine(str(tiny_vlm), random_seed=0, page_size=2) as llm:
+        image_at = llm.processor.process(llm.tokenizer.encode(prompt), [first], "p")[1].spans[0][0]
+        llm.generate(prompt, GREEDY, image_data=first)
+        got = llm.generate(prompt, GREEDY, image_data=second)
+        again = llm.generate(prompt, GREEDY, image_data=second)
+    with Engine(str(tiny_vlm), random_seed=0, page_size=2, disable_radix_cache=True) as llm:
+        want = llm.generate(prompt, GREEDY, image_data=second)
+    assert 0 < got["meta_info"]["cached_tokens"] <= image_at  # the text before the image is reused, no more
+    assert again["meta_info"]["cached_tokens"] <= image_at
+    assert got["output_ids"] == want["output_ids"] == again["output_ids"]
+
+
 def test_triton_runner_path_matches_transformers_in_the_interpreter(tiny_vlm, reference):
     """The CUDA runner's path (one metadata buffer, the fused M-RoPE rope+store kernel, Triton attention),
     here in Triton's interpreter on CPU; the same test runs compiled on a GPU."""

@@ -34,8 +34,8 @@ def mrope_section_of(raw: dict[str, Any]) -> list[int]:
 class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
     legacy_tower = False  # Qwen2-VL's older vision tower
 
-    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: ModelConfig, device: torch.device, **parallel) -> None:
+        super().__init__(cfg, device, **parallel)
         self.visual = QwenVisionTower(cfg.raw["vision_config"], legacy=self.legacy_tower)
         self.mrope_section = mrope_section_of(cfg.raw)
         if sum(self.mrope_section) * 2 != cfg.head_dim:
