@@ -46,10 +46,13 @@ def workload(n: int, vocab: int, seed: int = 0, lo: int = 100, hi: int = 1024) -
     return [[rng.randint(0, vocab - 1) for _ in range(k)] for k in ins], outs
 
 
+ENGINE_ARGS: dict = {}  # --engine-args: extra Engine(...) arguments for every engine of the run
+
+
 def make_engine(folder: Path, **kw):
     from nbengine.engine import Engine
 
-    return Engine(str(folder), device=gs.DEVICE, skip_tokenizer_init=True, random_seed=0, **kw)
+    return Engine(str(folder), device=gs.DEVICE, skip_tokenizer_init=True, random_seed=0, **{**ENGINE_ARGS, **kw})
 
 
 def _vocab(name: str) -> int:
@@ -263,7 +266,9 @@ def main() -> None:
     ap.add_argument("--model-dir", default="/tmp/nbengine-gpu-suite")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds: later sections are skipped or cut short")
+    ap.add_argument("--engine-args", default="{}", help='JSON of extra Engine() arguments, e.g. \'{"disable_radix_cache": true}\'')
     args = ap.parse_args()
+    ENGINE_ARGS.update(json.loads(args.engine_args))
     start = time.perf_counter()
     gs.TINY = args.tiny
     out = Path(args.out)

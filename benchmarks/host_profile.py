@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import shutil
 import tempfile
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=1)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--engine-args", default="{}", help='JSON of extra engine arguments, e.g. \'{"disable_radix_cache": true}\'')
     args = ap.parse_args()
 
     import torch
@@ -94,7 +96,8 @@ def main() -> None:
     torch.set_num_threads(1)
     folder = tiny_model(Path(tempfile.gettempdir()) / "nbengine-host-profile-llama", default_model_path(progress=False))
     ms, text = profile_core(folder, args.batch, args.steps, args.prompt_len, bool(args.overlap), args.temperature,
-                            args.top, dtype="float32", quantization=None, max_total_tokens=args.batch * 1024)
+                            args.top, dtype="float32", quantization=None, max_total_tokens=args.batch * 1024,
+                            **json.loads(args.engine_args))
     print(f"batch {args.batch}, overlap {bool(args.overlap)}: {ms:.2f} ms per decode step under cProfile")
     print(text)
 

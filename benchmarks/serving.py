@@ -123,9 +123,9 @@ def make_prompts(llm, n: int, input_len: int | None) -> list[list[int]]:
 
     tok = llm.tokenizer
     if input_len is None and tok.chat_template:
-        chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}])  # noqa: E731
-        return offline_prompts(tok.encode, chat, n, None, tok.vocab_size, seed=0)
-    return offline_prompts(tok.encode, None, n, input_len or 128, tok.vocab_size, seed=0)
+        chat_ids = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)  # noqa: E731
+        return offline_prompts(chat_ids, n, None, tok.vocab_size, seed=0)
+    return offline_prompts(None, n, input_len or 128, tok.vocab_size, seed=0)
 
 
 # ------------------------------------------------------------------------------------ main

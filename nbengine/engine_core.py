@@ -222,6 +222,7 @@ class EngineCore:
         for seq, token in zip(step.seqs, step.read()):
             if not seq.finished:
                 self._guarded(seq, self._append, seq, token, None, None)
+        self.stats.add_tokens(len(step.seqs))
         self.last_gen_throughput = len(step.seqs) / max(time.perf_counter() - step.launched, 1e-9)
 
     def _sample(self, logits: torch.Tensor, sampling: list[tuple[Sequence, int]]) -> list[tuple]:

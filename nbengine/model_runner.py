@@ -252,7 +252,9 @@ class ModelRunner:
         step's sampled ids, still on the device, for the placeholders ``-(row + 1)`` among this step's ids."""
         t0 = time.perf_counter()
         items = sorted(items, key=lambda it: it.num_tokens != 1)  # decodes first (stable)
-        self._encode_images(items)
+        vision = hasattr(self.model, "encode_images")  # (text models skip the per-request image checks)
+        if vision:
+            self._encode_images(items)
         plan = BatchPlan.build(items, self.config.page_size)
         fill = None
         if plan.has_pending:
@@ -262,7 +264,7 @@ class ModelRunner:
         if self.comm is not None:  # the other ranks run the same step on their shards
             self.comm.send(plan)
         logits, hidden = self.execute(plan, fill)
-        for it in items:  # a prompt's image embeddings are not needed once its image tokens are in the cache
+        for it in items if vision else ():  # image embeddings are not needed once their tokens are cached
             if it.seq.mm is not None and it.start + it.num_tokens >= it.seq.mm.end:
                 it.seq.release_images()
         self.times.steps += 1

@@ -128,7 +128,7 @@ class Scheduler:
         # (the pages it freed are for the running decodes: re-admitting the victim would thrash).
         # A request waiting for pages another one is computing right now is passed over this step.
         admit = self.num_preemptions == preemptions_before
-        in_flight = self._pages_in_flight() if admit and self.cache is not None else set()
+        in_flight = self._pages_in_flight() if admit and self.waiting and self.cache is not None else set()
         passed: list[Sequence] = []
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
@@ -209,10 +209,12 @@ class Scheduler:
     # ------------------------------------------------------- prefix sharing
     def advance(self, items: list[ScheduledSeq]) -> None:
         """After the model ran: count the computed tokens and register every newly full page in the cache."""
+        cache, ps = self.cache, self.pool.page_size
         for it in items:
             seq = it.seq
             seq.num_computed += it.num_tokens
-            if self.cache is not None and not seq.finished:
+            # (the cheap test first: most decode steps fill no page)
+            if cache is not None and (len(seq.page_uids) + 1) * ps <= seq.num_computed and not seq.finished:
                 self._register(seq)
 
     def flush_cache(self) -> int:
