@@ -194,7 +194,12 @@ class ModelRunner:
         """One mixed step (two decodes, two prefill chunks) on a scratch pool: compiles the kernels."""
         t0 = time.perf_counter()
         mc, ps = self.model_config, self.config.page_size
-        lens = [(1, 3), (1, 40), (70, 70), (5, 300)]  # (new tokens, context) per sequence
+        lens: list[tuple[int, int]] = []  # (new tokens, context) per sequence, within the step limits
+        for n, ctx in [(1, 3), (1, 40), (70, 70), (5, 300)]:
+            n = min(n, self.token_budget - sum(k for k, _ in lens))
+            if n <= 0 or len(lens) == self.max_running:
+                break
+            lens.append((n, ctx))
         pages_per = [-(-ctx // ps) for _, ctx in lens]
         scratch = KVCache(sum(pages_per) + 1, ps, mc.num_layers, self.shard.num_kv_heads, mc.head_dim, self.dtype,
                            self.device)
@@ -211,7 +216,7 @@ class ModelRunner:
             plan.tables.append(pages)
             plan.logits_rows.append(len(plan.ids) - 1)
         plan.q_starts.append(len(plan.ids))
-        plan.num_decodes = 2
+        plan.num_decodes = sum(1 for n, _ in lens if n == 1)
         with torch.inference_mode():
             self.launch(self.prepare(plan), scratch.kv)
         torch.cuda.synchronize(self.device)

@@ -109,9 +109,18 @@ def _tiny(kind: str, out: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, default_model_dir) -> dict[str, Path]:
+def default_tokenizer_dir(request) -> Path:
+    """The default model's tokenizer files (all the tiny random models need). ``NBENGINE_TEST_TOKENIZER_DIR``
+    points at a copy of them on a machine without the default model (the GPU machine: it has no model hub
+    and the GGUF is too large to carry there)."""
+    env = os.environ.get("NBENGINE_TEST_TOKENIZER_DIR")
+    return Path(env) if env else request.getfixturevalue("default_model_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, default_tokenizer_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")
-    return {k: _tiny(k, root / k, default_model_dir) for k in ("llama", "llama3", "qwen2", "qwen3")}
+    return {k: _tiny(k, root / k, default_tokenizer_dir) for k in ("llama", "llama3", "qwen2", "qwen3")}
 
 
 @pytest.fixture(scope="session")
