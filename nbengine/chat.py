@@ -9,10 +9,11 @@ from .tokenizer import Tokenizer
 
 def conversation_ids(tokenizer: Tokenizer | None, messages: Any, add_generation_prompt: bool = True,
                      chat_template: str | None = None, tools: list[dict] | None = None,
-                     **template_kwargs: Any) -> tuple[list[int] | list[list[int]], bool]:
-    """The prompt ids of one conversation (a list of message dicts) or of a list of conversations, and whether
-    it was one. The model's chat template renders them (``chat_template`` overrides it; ``tools`` and other
-    keyword arguments are passed to the template)."""
+                     **template_kwargs: Any) -> tuple[list[int] | list[list[int]], bool, list[Any]]:
+    """The prompt ids of one conversation (a list of message dicts) or of a list of conversations, whether
+    it was one, and the images of its image content parts (one list per conversation). The model's chat
+    template renders them (``chat_template`` overrides it; ``tools`` and other keyword arguments are passed
+    to the template)."""
     if tokenizer is None:
         raise ValueError("chat needs the tokenizer; create the engine without skip_tokenizer_init=True.")
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -20,7 +21,8 @@ def conversation_ids(tokenizer: Tokenizer | None, messages: Any, add_generation_
                          "or a list of such lists (one per conversation).")
     single = isinstance(messages[0], dict)
     convs = [messages] if single else list(messages)
-    out = []
+    out: list[list[int]] = []
+    images: list[list[Any]] = []
     for i, conv in enumerate(convs):
         where = "" if single else f" (conversation {i})"
         if not isinstance(conv, (list, tuple)) or not conv or not all(isinstance(m, dict) for m in conv):
@@ -28,7 +30,32 @@ def conversation_ids(tokenizer: Tokenizer | None, messages: Any, add_generation_
         for m in conv:
             if "role" not in m:
                 raise ValueError(f"every message needs a 'role' ('system', 'user', 'assistant', ...){where}: {m!r}")
-        out.append(tokenizer.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt,
+        turns, found = _split_images(conv)
+        images.append(found)
+        out.append(tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt,
                                                  tokenize=True, chat_template=chat_template, tools=tools,
                                                  **template_kwargs))
-    return (out[0] if single else out), single
+    return (out[0] if single else out), single, (images[0] if single else images)
+
+
+def _split_images(conv: list[dict]) -> tuple[list[dict], list[Any]]:
+    """OpenAI-style image content parts (``{"type": "image_url", "image_url": {"url": ...}}`` or
+    ``{"type": "image", "image": ...}``) -> ``{"type": "image"}`` for the chat template (which writes the
+    model's image placeholder), and the images themselves in order (data URI, base64, path, bytes or PIL
+    image: whatever ``image_data`` takes)."""
+    turns, images = [], []
+    for m in conv:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("image_url", "image"):
+                    value = part.get("image_url") if kind == "image_url" else part.get("image", part.get("url"))
+                    images.append(value.get("url") if isinstance(value, dict) else value)
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(part)
+            m = {**m, "content": parts}
+        turns.append(m)
+    return turns, images

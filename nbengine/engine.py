@@ -193,17 +193,18 @@ class Engine:
         """``generate`` on a conversation (a list of ``{"role", "content"}`` dicts) or a list of them, rendered
         with the model's chat template (``chat_template`` overrides it; ``tools`` reach the template). Takes
         ``generate``'s other keyword arguments and returns the same output dicts."""
-        ids, single = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
-        return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream, **generate_kwargs)
+        ids, single, images = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
+        return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream,
+                             **_with_images(images, single, generate_kwargs))
 
     async def async_chat(self, messages: list[dict] | list[list[dict]], sampling_params: dict | list[dict] | None = None,
                          *, add_generation_prompt: bool = True, chat_template: str | None = None,
                          tools: list[dict] | None = None, stream: bool = False,
                          **generate_kwargs: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """``chat`` from a coroutine; with ``stream=True`` await it, then ``async for`` the chunks."""
-        ids, single = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
+        ids, single, images = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
         return await self.async_generate(input_ids=ids, sampling_params=sampling_params, stream=stream,
-                                         **generate_kwargs)
+                                         **_with_images(images, single, generate_kwargs))
 
     def _sync_stream(self, specs: list[RequestSpec], single: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
@@ -420,3 +421,12 @@ def _configure_logging(level: str | None) -> None:
         handler._nbengine = True  # type: ignore[attr-defined]
         log.addHandler(handler)
         log.propagate = False
+
+
+def _with_images(images: list[Any], single: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate`` keyword arguments for ``chat``: the image parts' images as ``image_data`` (if any)."""
+    if not (any(images) if not single else images):
+        return kwargs
+    if kwargs.get("image_data") is not None:
+        raise ValueError("Pass images either as image content parts of the messages or as image_data, not both.")
+    return {**kwargs, "image_data": images}

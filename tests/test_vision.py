@@ -124,6 +124,22 @@ def test_the_prefix_cache_never_reuses_pages_across_different_images(tiny_vlm):
     assert got["output_ids"] == want["output_ids"] == again["output_ids"]
 
 
+def test_chat_takes_openai_style_image_parts_like_generate_takes_image_data(tiny_vlm):
+    buf = io.BytesIO()
+    SMALL.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    parts = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "w1 w2"}]
+    with Engine(str(tiny_vlm), random_seed=0) as llm:
+        got = llm.chat([[{"role": "user", "content": parts}], [{"role": "user", "content": "w1 w2"}]], GREEDY)
+        text = llm.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, parts[1]]}])
+        want = llm.generate(text, GREEDY, image_data=SMALL)
+        plain = llm.generate(llm.tokenizer.apply_chat_template([{"role": "user", "content": "w1 w2"}]), GREEDY)
+        with pytest.raises(ValueError, match="not both"):
+            llm.chat([{"role": "user", "content": parts}], GREEDY, image_data=SMALL)
+    assert got[0]["output_ids"] == want["output_ids"] and got[1]["output_ids"] == plain["output_ids"]
+    assert got[0]["meta_info"]["prompt_tokens"] == want["meta_info"]["prompt_tokens"]
+
+
 def test_triton_runner_path_matches_transformers_in_the_interpreter(tiny_vlm, reference):
     """The CUDA runner's path (one metadata buffer, the fused M-RoPE rope+store kernel, Triton attention),
     here in Triton's interpreter on CPU; the same test runs compiled on a GPU."""
