@@ -20,7 +20,7 @@ from .page_allocator import PageAllocator
 
 ROOT = 0  # the parent id of a sequence's first page
 
-Key = tuple[int, tuple[int, ...]]
+Key = tuple[int, tuple]  # (parent node, the page's token ids; an image token is (pixel hash, offset))
 
 
 class PrefixCache:
@@ -36,10 +36,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._nodes)
 
-    def key(self, parent: int, tokens: list[int]) -> Key:
+    def key(self, parent: int, tokens: list) -> Key:
         return parent, tuple(tokens)
 
-    def match(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+    def match(self, tokens: list) -> tuple[list[int], list[int]]:
         """The cached pages holding the longest run of full pages at the start of ``tokens``, and their node ids."""
         ps = self.page_size
         pages: list[int] = []
@@ -54,7 +54,7 @@ class PrefixCache:
             pages.append(page)
         return pages, ids
 
-    def insert(self, parent: int, tokens: list[int], page: int) -> int:
+    def insert(self, parent: int, tokens: list, page: int) -> int:
         """Register ``page`` (computed K/V of ``tokens`` after node ``parent``); returns the node id.
 
         When another page already holds this prefix (two requests computed it in the same step),

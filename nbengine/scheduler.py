@@ -235,14 +235,15 @@ class Scheduler:
         ps, uids = self.pool.page_size, seq.page_uids
         while (len(uids) + 1) * ps <= seq.cacheable_tokens():
             r = len(uids)
-            uids.append(self.cache.insert(uids[-1] if uids else ROOT, seq.tokens(r * ps, (r + 1) * ps), seq.pages[r]))
+            key_tokens = seq.key_tokens(r * ps, (r + 1) * ps)
+            uids.append(self.cache.insert(uids[-1] if uids else ROOT, key_tokens, seq.pages[r]))
 
     def _next_page_key(self, seq: Sequence) -> tuple | None:
         """The cache key of the first full page ``seq`` has not registered yet (None: no such page)."""
         ps, r = self.pool.page_size, len(seq.page_uids)
         if (r + 1) * ps > seq.num_tokens:
             return None
-        return self.cache.key(seq.page_uids[-1] if r else ROOT, seq.tokens(r * ps, (r + 1) * ps))
+        return self.cache.key(seq.page_uids[-1] if r else ROOT, seq.key_tokens(r * ps, (r + 1) * ps))
 
     def _pages_in_flight(self) -> set:
         """Keys of the pages running prefills compute next."""
@@ -264,7 +265,7 @@ class Scheduler:
         if self.cache is None:
             return 0
         limit = seq.reuse_limit()
-        pages, uids = self.cache.match(seq.tokens(0, limit))
+        pages, uids = self.cache.match(seq.key_tokens(0, limit))
         self.pool.share(pages)
         seq.pages, seq.page_uids = pages, uids
         seq.num_computed = len(pages) * self.pool.page_size

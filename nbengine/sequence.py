@@ -99,12 +99,21 @@ class Sequence:
 
     def cacheable_tokens(self) -> int:
         """How many leading tokens have K/V computed under ids known on the host: pages within them may be
-        registered in the prefix cache. Not a token still on the device (overlap), nor anything from a
-        request's first image token on (image tokens share one id, whatever the image)."""
-        n = min(self.num_computed, len(self.prompt_ids) + len(self.output_ids))
-        if self.mm is not None and self.mm.spans:
-            n = min(n, self.mm.spans[0][0])
-        return n
+        registered in the prefix cache (not a token still on the device, under overlap)."""
+        return min(self.num_computed, len(self.prompt_ids) + len(self.output_ids))
+
+    def key_tokens(self, start: int, end: int) -> list:
+        """What the prefix cache knows tokens ``start:end`` by: their ids, except that an image token is
+        ``(its image's pixel hash, its offset in the image)`` — image tokens share one id whatever the image,
+        so the same prompt with another image never matches, and the same image is found again."""
+        ids = self.tokens(start, end)
+        mm = self.mm
+        if mm is None or not mm.spans:
+            return ids
+        for (first, count), digest in zip(mm.spans, mm.hashes):
+            for pos in range(max(first, start), min(first + count, end)):
+                ids[pos - start] = (digest, pos - first)
+        return ids
 
     def reuse_limit(self) -> int:
         """How many leading tokens may take their K/V from the prefix cache: all but the last one (its logits
@@ -115,8 +124,6 @@ class Sequence:
             limit = min(limit, max(max(lp.logprob_start_len, 1) - 1, self.input_lp_pos))
         if self.hidden is not None:
             limit = min(limit, self.hidden.first_needed)
-        if self.mm is not None and self.mm.spans:  # cached pages never hold image tokens (see cacheable_tokens)
-            limit = min(limit, self.mm.spans[0][0])
         return limit
 
     def copy_prompt_results(self, leader: "Sequence") -> None:

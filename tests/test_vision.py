@@ -108,20 +108,28 @@ def test_preempted_requests_with_images_recompute_and_still_match(tiny_vlm, refe
     _check(outs, reference * 3)
 
 
-def test_the_prefix_cache_never_reuses_pages_across_different_images(tiny_vlm):
-    """Image tokens share one id whatever the image: a cached prefix stops at the first image token."""
+def test_the_prefix_cache_keys_image_tokens_by_their_pixels(tiny_vlm):
+    """Image tokens share one id whatever the image: the cache knows them by the image's pixel hash, so
+    another image behind the same prompt is never reused and the same image is (without encoding it again)."""
     prompt = f"w40 w41 w42 w43 w44 w45 w46 w47 w40 w41 {IMG} w48 w49"
     first, second = SMALL, _image(48, 64, 7)  # the same number of image tokens, other pixels
     with Engine(str(tiny_vlm), random_seed=0, page_size=2) as llm:
-        image_at = llm.processor.process(llm.tokenizer.encode(prompt), [first], "p")[1].spans[0][0]
-        llm.generate(prompt, GREEDY, image_data=first)
-        got = llm.generate(prompt, GREEDY, image_data=second)
-        again = llm.generate(prompt, GREEDY, image_data=second)
+        image_at, n_image = llm.processor.process(llm.tokenizer.encode(prompt), [first], "p")[1].spans[0]
+        model = llm._thread.core.runner.model
+        encoded = []
+        encode = model.encode_images
+        model.encode_images = lambda pixels, grids: encoded.append(len(grids)) or encode(pixels, grids)
+        a = llm.generate(prompt, GREEDY, image_data=first)
+        b = llm.generate(prompt, GREEDY, image_data=second)
+        a_again = llm.generate(prompt, GREEDY, image_data=first)
     with Engine(str(tiny_vlm), random_seed=0, page_size=2, disable_radix_cache=True) as llm:
-        want = llm.generate(prompt, GREEDY, image_data=second)
-    assert 0 < got["meta_info"]["cached_tokens"] <= image_at  # the text before the image is reused, no more
-    assert again["meta_info"]["cached_tokens"] <= image_at
-    assert got["output_ids"] == want["output_ids"] == again["output_ids"]
+        want_a = llm.generate(prompt, GREEDY, image_data=first)
+        want_b = llm.generate(prompt, GREEDY, image_data=second)
+    assert 0 < b["meta_info"]["cached_tokens"] <= image_at  # the text before the image is reused, no more
+    assert a_again["meta_info"]["cached_tokens"] >= image_at + n_image  # the image's pages too
+    assert encoded == [1, 1]  # the third request found its image in the cache: not encoded again
+    assert a["output_ids"] == a_again["output_ids"] == want_a["output_ids"]
+    assert b["output_ids"] == want_b["output_ids"]
 
 
 def test_chat_takes_openai_style_image_parts_like_generate_takes_image_data(tiny_vlm):

@@ -19,7 +19,7 @@ class MultimodalInputs:
     spans: list[tuple[int, int]]  # (first prompt position, tokens) of each image's tokens, in order
     mrope: torch.Tensor  # [3, prompt length] int64 M-RoPE positions of the prompt
     mrope_delta: int  # a generated token at position p turns by p + mrope_delta (all three rows)
-    hashes: list[str] = field(default_factory=list)  # one per image (its pixels), for logs and future caching
+    hashes: list[str] = field(default_factory=list)  # one per image (its pixels): the prefix cache's key of its tokens
     embeds: torch.Tensor | None = field(default=None, repr=False)  # [image tokens, hidden] on the device
 
     @property
