@@ -59,3 +59,12 @@ def _split_images(conv: list[dict]) -> tuple[list[dict], list[Any]]:
             m = {**m, "content": parts}
         turns.append(m)
     return turns, images
+
+
+def with_images(images: list[Any], single: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``generate`` keyword arguments for ``chat``: the image parts' images as ``image_data`` (if any)."""
+    if not (any(images) if not single else images):
+        return kwargs
+    if kwargs.get("image_data") is not None:
+        raise ValueError("Pass images either as image content parts of the messages or as image_data, not both.")
+    return {**kwargs, "image_data": images}

@@ -9,11 +9,11 @@ import time
 import weakref
 from collections import deque
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from . import hooks
 from . import scoring
-from .chat import conversation_ids
+from .chat import conversation_ids, with_images
 from .config import EngineConfig, ModelConfig, model_sampling_defaults
 from .engine_thread import EngineThread
 from .errors import EngineDeadError, EngineShutdownError
@@ -23,7 +23,9 @@ from .loader.resolve import resolve_model_path
 from .models import check_architecture
 from .multimodal import load_processor
 from .request_builder import Limits, RequestSpec, build_requests
-from .request_output import RequestOutput
+from .output_sink import as_output
+from .output_sink import async_sink as _async_emit  # (module names the tests patch)
+from .output_sink import queue_sink as _queue_emit
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -195,7 +197,7 @@ class Engine:
         ``generate``'s other keyword arguments and returns the same output dicts."""
         ids, single, images = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
         return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream,
-                             **_with_images(images, single, generate_kwargs))
+                             **with_images(images, single, generate_kwargs))
 
     async def async_chat(self, messages: list[dict] | list[list[dict]], sampling_params: dict | list[dict] | None = None,
                          *, add_generation_prompt: bool = True, chat_template: str | None = None,
@@ -204,7 +206,7 @@ class Engine:
         """``chat`` from a coroutine; with ``stream=True`` await it, then ``async for`` the chunks."""
         ids, single, images = conversation_ids(self.tokenizer, messages, add_generation_prompt, chat_template, tools)
         return await self.async_generate(input_ids=ids, sampling_params=sampling_params, stream=stream,
-                                         **_with_images(images, single, generate_kwargs))
+                                         **with_images(images, single, generate_kwargs))
 
     def _sync_stream(self, specs: list[RequestSpec], single: bool) -> Iterator[dict]:
         q: queue.Queue = queue.Queue()
@@ -336,7 +338,7 @@ class Engine:
             except queue.Empty:
                 self._thread.check()
         i, out = got.popleft()
-        return i, _as_output(out)
+        return i, as_output(out)
 
     async def _get_async(self, q: asyncio.Queue, got: deque) -> tuple[int, dict]:
         while not got:
@@ -345,39 +347,7 @@ class Engine:
             except asyncio.TimeoutError:
                 self._thread.check()
         i, out = got.popleft()
-        return i, _as_output(out)
-
-
-def _as_output(out: RequestOutput | BaseException) -> dict:
-    """The user's dict, built here on the caller's thread; an error for this request is raised."""
-    if isinstance(out, BaseException):
-        raise out
-    return out.to_dict()
-
-
-class _Sink:
-    """Where the outputs of one ``generate`` call go. The engine thread hands over all the outputs of a step
-    for one call with one ``deliver`` (one wake-up of the waiting thread or loop per step, not one per token);
-    outside a step each output goes alone through its request's ``emit``."""
-
-    def __init__(self, put: Callable[[list[tuple[int, Any]]], None]) -> None:
-        self.deliver = put
-
-    def __call__(self, i: int) -> Callable[[Any], None]:
-        def emit(out: RequestOutput | BaseException) -> None:
-            self.deliver([(i, out)])
-        emit.sink, emit.index = self, i  # type: ignore[attr-defined]
-        return emit
-
-
-def _queue_emit(q: queue.Queue) -> _Sink:
-    """Outputs of a call to a waiting thread: each ``put`` is a list of ``(index, output)``."""
-    return _Sink(q.put)
-
-
-def _async_emit(loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> _Sink:
-    """Outputs of a call to a waiting event loop: one ``call_soon_threadsafe`` per delivery."""
-    return _Sink(lambda items: loop.call_soon_threadsafe(q.put_nowait, items))
+        return i, as_output(out)
 
 
 def _start_kernel_warm_up(config: EngineConfig, model_dir: Path) -> None:
@@ -421,12 +391,3 @@ def _configure_logging(level: str | None) -> None:
         handler._nbengine = True  # type: ignore[attr-defined]
         log.addHandler(handler)
         log.propagate = False
-
-
-def _with_images(images: list[Any], single: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``generate`` keyword arguments for ``chat``: the image parts' images as ``image_data`` (if any)."""
-    if not (any(images) if not single else images):
-        return kwargs
-    if kwargs.get("image_data") is not None:
-        raise ValueError("Pass images either as image content parts of the messages or as image_data, not both.")
-    return {**kwargs, "image_data": images}

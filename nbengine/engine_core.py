@@ -17,14 +17,14 @@ import torch
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .grammar import MaskJob, apply_masks
-from .inflight import HostIds, InFlightStep
+from .inflight import HostIds, InFlightStep, deferrable
 from .logit_processor import apply_processors
-from .model_runner import ModelRunner, StepLogits
+from .model_runner import ModelRunner
 from .page_allocator import PageAllocator
 from .prefix_cache import PrefixCache
 from .request_output import RequestOutput
 from .request_stats import RequestStats
-from .sampler import SampleResult, Sampler
+from .sampler import SampleResult, Sampler, add_input_logprobs
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence
 from .tokenizer import Tokenizer
@@ -163,7 +163,8 @@ class EngineCore:
             self._resolve(prev)
             return
         t0 = time.perf_counter()
-        self._fault("runner", [it.seq for it in items])
+        if self.fault_hook is not None:
+            self._fault("runner", [it.seq for it in items])
         # the grammar masks of this step's constrained samples are filled while the forward runs
         self._masks = MaskJob([it.seq for it in items if it.samples and it.seq.grammar is not None],
                               self.mask_vocab)
@@ -176,7 +177,7 @@ class EngineCore:
     def _run_and_sample(self, items: list[ScheduledSeq], prev: InFlightStep | None, t0: float) -> None:
         out, items = self.runner.run(items, prev.ids if prev is not None else None)
         self.scheduler.advance(items)
-        if self.overlap and self._deferrable(items, out):
+        if self.overlap and deferrable(items, out.input_rows):
             sampling = [it.seq for it, r in zip(items, out.sample_rows) if r >= 0]
             try:
                 self._fault("sampler", sampling)
@@ -190,7 +191,7 @@ class EngineCore:
         self._resolve(prev)  # this step's sampling reads the outputs so far (min_new_tokens, penalties)
         for it, (r0, n, pos) in zip(items, out.input_rows):
             if n:
-                self._guarded(it.seq, self._input_logprobs, it.seq, pos, out.logits[r0 : r0 + n])
+                self._guarded(it.seq, add_input_logprobs, it.seq, pos, out.logits[r0 : r0 + n])
         for it, (r0, n, pos) in zip(items, out.hidden_at or ()):
             if n:
                 self._guarded(it.seq, it.seq.hidden.take, pos, out.hidden[r0 : r0 + n])
@@ -202,18 +203,6 @@ class EngineCore:
         self.stats.add_tokens(len(sampled))
         for seq, token, lp, top in sampled:
             self._guarded(seq, self._append, seq, token, lp, top)
-
-    def _deferrable(self, items: list[ScheduledSeq], out: StepLogits) -> bool:
-        """True when nothing in this step needs the host between sampling and the next step."""
-        for it, (_, n, _) in zip(items, out.input_rows):
-            seq, p = it.seq, it.seq.params
-            if n or seq.logprob.return_logprob or p.has_penalties or len(seq.output_ids) < p.min_new_tokens:
-                return False
-            # grammar masks, custom processors, score labels and hidden states all work on the host each step
-            if seq.grammar is not None or seq.logit_processor is not None or seq.label_ids is not None \
-                    or seq.hidden is not None:
-                return False
-        return True
 
     def _resolve(self, step: InFlightStep | None) -> None:
         """Read a step's sampled ids and append them; sequences that ended meanwhile drop theirs."""
@@ -273,19 +262,6 @@ class EngineCore:
     def _fault(self, site: str, seqs: list[Sequence]) -> None:
         if self.fault_hook is not None:
             self.fault_hook(site, seqs)
-
-    def _input_logprobs(self, seq: Sequence, lo: int, logits: torch.Tensor) -> None:
-        """Logits of prompt positions ``lo, lo+1, ...`` score prompt tokens ``lo+1, lo+2, ...``."""
-        lps = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.tensor(seq.prompt_ids[lo + 1 : lo + 1 + logits.shape[0]], device=lps.device)
-        chosen = lps.gather(1, targets.view(-1, 1)).view(-1).tolist()
-        k = seq.logprob.top_logprobs_num
-        tops = lps.topk(k, dim=-1) if k > 0 else None
-        for j, tok in enumerate(targets.tolist()):
-            seq.input_token_logprobs.append((chosen[j], tok, None))
-            if k > 0:
-                seq.input_top_logprobs.append([(v, t, None) for v, t in zip(tops.values[j].tolist(), tops.indices[j].tolist())])
-        seq.input_lp_pos = lo + logits.shape[0]
 
     # ---------------------------------------------------------- postprocess
     def _append(self, seq: Sequence, token: int, lp: float | None, top: list | None) -> None:
@@ -362,34 +338,8 @@ class EngineCore:
     def make_output(self, seq: Sequence) -> RequestOutput:
         """A snapshot of the request for its caller; costs the same whatever the length of the output."""
         incremental = self.config.incremental_streaming_output and seq.stream
-        finished = seq.finish_reason is not None
-        text = None
-        if seq.detok is not None:
-            full = seq.detok.text if finished else seq.detok.visible
-            text = full[seq.last_emitted_text :] if incremental else full
-            seq.last_emitted_text = len(full)
-        n_before = seq.last_emitted_tokens
-        seq.last_emitted_tokens = len(seq.output_ids)
-        hidden = seq.hidden.states if seq.hidden is not None and seq.hidden.mode == "all" else None
-        h_before = seq.last_emitted_hidden if seq.stream else 0  # a stream's chunks carry the new states only
-        if hidden is not None:
-            seq.last_emitted_hidden = len(hidden)
-        lp = seq.logprob
-        return RequestOutput(
-            rid=seq.rid, text=text, output_ids=seq.output_ids, ids_start=n_before if incremental else 0,
-            ids_end=len(seq.output_ids), finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
-            cached_tokens=seq.cached_tokens,
-            token_text=self.tokenizer.token_text if lp.return_text and self.tokenizer is not None else None,
-            embedding=seq.hidden.embedding if seq.hidden is not None else None, label_logprobs=seq.label_logprobs,
-            hidden_states=hidden, hidden_start=h_before, hidden_end=len(hidden) if hidden is not None else 0,
-            index=seq.index if seq.stream else None,
-            e2e_latency=time.perf_counter() - seq.arrival if finished else None,
-            num_retractions=seq.num_preemptions,
-            input_token_logprobs=seq.input_token_logprobs if lp.return_logprob else None,
-            output_token_logprobs=seq.output_token_logprobs if lp.return_logprob else None,
-            input_top_logprobs=seq.input_top_logprobs if lp.return_logprob and lp.top_logprobs_num else None,
-            output_top_logprobs=seq.output_top_logprobs if lp.return_logprob and lp.top_logprobs_num else None,
-            num_input_logprobs=len(seq.input_token_logprobs), num_input_top_logprobs=len(seq.input_top_logprobs))
+        token_text = self.tokenizer.token_text if seq.logprob.return_text and self.tokenizer is not None else None
+        return RequestOutput.snapshot(seq, incremental, token_text)
 
     # ------------------------------------------------------------------ info
     def flush_cache(self) -> int:

@@ -51,3 +51,17 @@ class InFlightStep:
         for seq in self.seqs:
             seq.num_pending -= 1
         return self.host.tolist()
+
+
+def deferrable(items: list, input_rows: list[tuple[int, int, int]]) -> bool:
+    """True when nothing in a step needs the host between sampling and the next step, so its sampled ids
+    may stay on the device until the next step is launched (overlap scheduling)."""
+    for it, (_, n, _) in zip(items, input_rows):
+        seq, p = it.seq, it.seq.params
+        if n or seq.logprob.return_logprob or p.has_penalties or len(seq.output_ids) < p.min_new_tokens:
+            return False
+        # grammar masks, custom processors, score labels and hidden states all work on the host each step
+        if seq.grammar is not None or seq.logit_processor is not None or seq.label_ids is not None \
+                or seq.hidden is not None:
+            return False
+    return True

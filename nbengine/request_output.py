@@ -9,6 +9,7 @@ caller's thread is exactly what the engine saw when it emitted the chunk.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -42,6 +43,39 @@ class RequestOutput:
     embedding: Any = None  # encode(): the pooled final hidden state (a host tensor)
     label_logprobs: list[float] | None = None  # score(): next-token logprobs of the label tokens
     token_text: Callable[[int], str] | None = None  # return_text_in_logprobs: fills the tuples' text slot
+
+    @classmethod
+    def snapshot(cls, seq: Any, incremental: bool, token_text: Callable[[int], str] | None) -> "RequestOutput":
+        """The output of ``seq`` (a Sequence) now, on the engine thread: records how far each list has grown
+        (and what an incremental stream already sent) instead of copying it."""
+        finished = seq.finish_reason is not None
+        text = None
+        if seq.detok is not None:
+            full = seq.detok.text if finished else seq.detok.visible
+            text = full[seq.last_emitted_text :] if incremental else full
+            seq.last_emitted_text = len(full)
+        n_before = seq.last_emitted_tokens
+        seq.last_emitted_tokens = len(seq.output_ids)
+        hidden = seq.hidden.states if seq.hidden is not None and seq.hidden.mode == "all" else None
+        h_before = seq.last_emitted_hidden if seq.stream else 0  # a stream's chunks carry the new states only
+        if hidden is not None:
+            seq.last_emitted_hidden = len(hidden)
+        lp = seq.logprob
+        tops = lp.return_logprob and lp.top_logprobs_num
+        return cls(
+            rid=seq.rid, text=text, output_ids=seq.output_ids, ids_start=n_before if incremental else 0,
+            ids_end=len(seq.output_ids), finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.cached_tokens, token_text=token_text,
+            embedding=seq.hidden.embedding if seq.hidden is not None else None, label_logprobs=seq.label_logprobs,
+            hidden_states=hidden, hidden_start=h_before, hidden_end=len(hidden) if hidden is not None else 0,
+            index=seq.index if seq.stream else None,
+            e2e_latency=time.perf_counter() - seq.arrival if finished else None,
+            num_retractions=seq.num_preemptions,
+            input_token_logprobs=seq.input_token_logprobs if lp.return_logprob else None,
+            output_token_logprobs=seq.output_token_logprobs if lp.return_logprob else None,
+            input_top_logprobs=seq.input_top_logprobs if tops else None,
+            output_top_logprobs=seq.output_top_logprobs if tops else None,
+            num_input_logprobs=len(seq.input_token_logprobs), num_input_top_logprobs=len(seq.input_top_logprobs))
 
     def to_dict(self) -> dict[str, Any]:
         start, end = self.ids_start, self.ids_end

@@ -170,3 +170,18 @@ class Sampler:
         if params.any_greedy:
             sampled = torch.where(params.greedy_mask, logits.argmax(dim=-1), sampled)
         return sampled
+
+
+def add_input_logprobs(seq: Sequence, lo: int, logits: torch.Tensor) -> None:
+    """Record on ``seq`` its input logprobs: the logits of prompt positions ``lo, lo+1, ...``
+    score prompt tokens ``lo+1, lo+2, ...``."""
+    lps = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor(seq.prompt_ids[lo + 1 : lo + 1 + logits.shape[0]], device=lps.device)
+    chosen = lps.gather(1, targets.view(-1, 1)).view(-1).tolist()
+    k = seq.logprob.top_logprobs_num
+    tops = lps.topk(k, dim=-1) if k > 0 else None
+    for j, tok in enumerate(targets.tolist()):
+        seq.input_token_logprobs.append((chosen[j], tok, None))
+        if k > 0:
+            seq.input_top_logprobs.append([(v, t, None) for v, t in zip(tops.values[j].tolist(), tops.indices[j].tolist())])
+    seq.input_lp_pos = lo + logits.shape[0]
